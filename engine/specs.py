@@ -1,0 +1,227 @@
+"""One table of tensor specs per network.
+
+The same table drives the ONNX input/output names and dynamic axes at export, the runtime's input
+checks, buffer allocation, sample inputs for parity gates and TensorRT optimization profiles.
+A dim is either a fixed int or the name of a symbolic axis; a symbol shared by several tensors
+must take the same value in all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+
+class Network(str, Enum):
+    """The graphs an engine folder holds."""
+
+    TEXT_ENCODER = "text_encoder"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+    VAE_ENCODER = "vae_encoder"
+
+
+# Symbolic axes. Latent sizes are image sizes divided by the VAE scale factor.
+BATCH = "batch"
+SEQUENCE = "sequence"
+LATENT_HEIGHT = "latent_height"
+LATENT_WIDTH = "latent_width"
+IMAGE_HEIGHT = "image_height"
+IMAGE_WIDTH = "image_width"
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dims (ints or symbolic axis names) and numpy dtype name of one graph input or output."""
+
+    name: str
+    dims: tuple[Dim, ...]
+    dtype: str
+
+    def symbols(self) -> tuple[str, ...]:
+        return tuple(d for d in self.dims if isinstance(d, str))
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape with every symbolic axis replaced by its size."""
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dims": list(self.dims), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(data: Mapping) -> TensorSpec:
+        return TensorSpec(str(data["name"]), tuple(data["dims"]), str(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The interface of one compiled network."""
+
+    network: Network
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def symbols(self) -> tuple[str, ...]:
+        """Every symbolic axis, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for tensor in self.inputs + self.outputs:
+            seen.update(dict.fromkeys(tensor.symbols()))
+        return tuple(seen)
+
+    def to_json(self) -> dict:
+        return {
+            "network": self.network.value,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @staticmethod
+    def from_json(data: Mapping) -> GraphSpec:
+        return GraphSpec(
+            Network(data["network"]),
+            tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a Stable Diffusion model that fix the non-symbolic dims of its graphs."""
+
+    latent_channels: int = 4
+    text_hidden_size: int = 768
+    text_max_length: int = 77
+    vae_scale_factor: int = 8
+
+
+def text_encoder_spec(dims: ModelDims) -> GraphSpec:
+    hidden = (BATCH, dims.text_max_length, dims.text_hidden_size)
+    return GraphSpec(
+        Network.TEXT_ENCODER,
+        inputs=(TensorSpec("input_ids", (BATCH, dims.text_max_length), "int64"),),
+        outputs=(
+            TensorSpec("last_hidden_state", hidden, "float32"),
+            # Penultimate layer after the final layer norm: A1111's "clip skip 2".
+            TensorSpec("penultimate_hidden_state", hidden, "float32"),
+        ),
+    )
+
+
+def unet_spec(dims: ModelDims) -> GraphSpec:
+    latent = (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    return GraphSpec(
+        Network.UNET,
+        inputs=(
+            TensorSpec("sample", latent, "float32"),
+            TensorSpec("timestep", (BATCH,), "float32"),
+            TensorSpec("encoder_hidden_states", (BATCH, SEQUENCE, dims.text_hidden_size), "float32"),
+        ),
+        outputs=(TensorSpec("noise_pred", latent, "float32"),),
+    )
+
+
+def vae_decoder_spec(dims: ModelDims) -> GraphSpec:
+    return GraphSpec(
+        Network.VAE_DECODER,
+        inputs=(TensorSpec("latent", (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH), "float32"),),
+        outputs=(TensorSpec("image", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH), "float32"),),
+    )
+
+
+def vae_encoder_spec(dims: ModelDims) -> GraphSpec:
+    latent = (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    return GraphSpec(
+        Network.VAE_ENCODER,
+        inputs=(TensorSpec("image", (BATCH, 3, IMAGE_HEIGHT, IMAGE_WIDTH), "float32"),),
+        outputs=(TensorSpec("latent_mean", latent, "float32"), TensorSpec("latent_std", latent, "float32")),
+    )
+
+
+SPEC_BUILDERS = {
+    Network.TEXT_ENCODER: text_encoder_spec,
+    Network.UNET: unet_spec,
+    Network.VAE_DECODER: vae_decoder_spec,
+    Network.VAE_ENCODER: vae_encoder_spec,
+}
+
+
+def graph_specs(dims: ModelDims) -> dict[Network, GraphSpec]:
+    return {network: build(dims) for network, build in SPEC_BUILDERS.items()}
+
+
+def axis_sizes(
+    batch: int, latent_height: int, latent_width: int, vae_scale_factor: int, sequence: int = 77
+) -> dict[str, int]:
+    """Sizes of every symbolic axis for one request shape."""
+    return {
+        BATCH: batch,
+        SEQUENCE: sequence,
+        LATENT_HEIGHT: latent_height,
+        LATENT_WIDTH: latent_width,
+        IMAGE_HEIGHT: latent_height * vae_scale_factor,
+        IMAGE_WIDTH: latent_width * vae_scale_factor,
+    }
+
+
+def sample_inputs(
+    spec: GraphSpec, sizes: Mapping[str, int], rng: np.random.Generator, vocab_size: int = 1000
+) -> dict[str, np.ndarray]:
+    """Random inputs that fit the spec: normal floats, token ids below vocab_size, timesteps in [0, 1000)."""
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape(sizes)
+        if tensor.dtype == "int64":
+            feeds[tensor.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif tensor.name == "timestep":
+            feeds[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        else:
+            feeds[tensor.name] = rng.standard_normal(shape, dtype=np.float32)
+    return feeds
+
+
+def check_inputs(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Validate names, dtypes and shapes against the spec; return the symbolic axis sizes.
+
+    Raises TypeError (wrong name or dtype) or ValueError (wrong shape) naming the input.
+    """
+    expected = set(spec.input_names)
+    unknown = sorted(set(feeds) - expected)
+    missing = [name for name in spec.input_names if name not in feeds]
+    if unknown or missing:
+        raise TypeError(
+            f"{spec.network.value}: unexpected inputs {unknown} / missing inputs {missing}; "
+            f"expects {spec.input_names}"
+        )
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        _check_tensor(spec.network, tensor, feeds[tensor.name], sizes)
+    return sizes
+
+
+def _check_tensor(network: Network, tensor: TensorSpec, value: np.ndarray, sizes: dict[str, int]) -> None:
+    where = f"{network.value} input '{tensor.name}'"
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or np.dtype(dtype) != np.dtype(tensor.dtype):
+        raise TypeError(f"{where} must be {tensor.dtype}, got {dtype if dtype is not None else type(value)}")
+    if len(value.shape) != len(tensor.dims):
+        raise ValueError(f"{where} must have shape {list(tensor.dims)}, got {list(value.shape)}")
+    for axis, (dim, size) in enumerate(zip(tensor.dims, value.shape, strict=True)):
+        if isinstance(dim, int) and size != dim:
+            raise ValueError(f"{where} axis {axis} must be {dim}, got {size} (shape {list(value.shape)})")
+        if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
+            raise ValueError(
+                f"{where} axis {axis} ({dim}) is {size} but another input has {dim}={sizes[dim]}"
+            )
