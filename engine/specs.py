@@ -15,6 +15,13 @@ from enum import Enum
 import numpy as np
 
 
+class Precision(str, Enum):
+    """Numeric precision of a compiled graph's weights and arithmetic."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
 class Network(str, Enum):
     """The graphs an engine folder holds."""
 

@@ -25,7 +25,9 @@ class TextEncoderWrapper(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.text_encoder(input_ids, output_hidden_states=True)
-        penultimate = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-2])
+        # transformers 5 dropped the .text_model level that transformers 4 had.
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        penultimate = final_layer_norm(out.hidden_states[-2])
         return out.last_hidden_state, penultimate
 
 
@@ -154,7 +156,6 @@ def check_weight_shapes(folder: ModelFolder, component: str, cls: type) -> None:
 
 def load_component(folder: ModelFolder, component: str) -> nn.Module:
     cls = _component_classes()[component]
-    check_weight_shapes(folder, component, cls)
     weights = folder.weights[component]
     try:
         model = cls.from_pretrained(
@@ -171,7 +172,9 @@ def load_component(folder: ModelFolder, component: str) -> nn.Module:
 
 
 def load_source_model(folder: ModelFolder) -> SourceModel:
-    """Load the three networks in float32 (fp16 variant files are upcast)."""
+    """Load the three networks in float32 (fp16 variant files are upcast), shapes checked first."""
+    for component, cls in _component_classes().items():
+        check_weight_shapes(folder, component, cls)
     return SourceModel(
         text_encoder=load_component(folder, "text_encoder"),
         unet=load_component(folder, "unet"),

@@ -1,0 +1,146 @@
+"""manifest.json: what an engine folder holds and how it was made.
+
+Written last by export (inside its temporary folder), read first by the runtime, which refuses a
+folder whose format version it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineFolderError
+from engine.specs import GraphSpec, ModelDims, Network, Precision
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported network: its files, interface, precision and parity numbers."""
+
+    file: str
+    sha256: str
+    spec: GraphSpec
+    precision: Precision
+    external_data: str | None = None
+    parity: Mapping[str, Any] = field(default_factory=dict)
+    exporter: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "external_data": self.external_data,
+            "precision": self.precision.value,
+            "spec": self.spec.to_json(),
+            "parity": dict(self.parity),
+            "exporter": dict(self.exporter),
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> GraphEntry:
+        return GraphEntry(
+            file=str(data["file"]),
+            sha256=str(data["sha256"]),
+            spec=GraphSpec.from_json(data["spec"]),
+            precision=Precision(data["precision"]),
+            external_data=data.get("external_data"),
+            parity=dict(data.get("parity", {})),
+            exporter=dict(data.get("exporter", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to know about an engine folder besides the graphs' bytes."""
+
+    model_family: str
+    prediction_type: str
+    dims: ModelDims
+    scaling_factor: float
+    scheduler_config: Mapping[str, Any]
+    graphs: Mapping[Network, GraphEntry]
+    source: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer_dir: str = TOKENIZER_DIR
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model_family": self.model_family,
+            "prediction_type": self.prediction_type,
+            "latent_channels": self.dims.latent_channels,
+            "text_hidden_size": self.dims.text_hidden_size,
+            "text_max_length": self.dims.text_max_length,
+            "vae_scale_factor": self.dims.vae_scale_factor,
+            "scaling_factor": self.scaling_factor,
+            "scheduler_config": dict(self.scheduler_config),
+            "tokenizer_dir": self.tokenizer_dir,
+            "source": dict(self.source),
+            "graphs": {network.value: entry.to_json() for network, entry in self.graphs.items()},
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Manifest:
+        dims = ModelDims(
+            latent_channels=int(data["latent_channels"]),
+            text_hidden_size=int(data["text_hidden_size"]),
+            text_max_length=int(data["text_max_length"]),
+            vae_scale_factor=int(data["vae_scale_factor"]),
+        )
+        return Manifest(
+            model_family=str(data["model_family"]),
+            prediction_type=str(data["prediction_type"]),
+            dims=dims,
+            scaling_factor=float(data["scaling_factor"]),
+            scheduler_config=dict(data["scheduler_config"]),
+            graphs={Network(k): GraphEntry.from_json(v) for k, v in data["graphs"].items()},
+            source=dict(data.get("source", {})),
+            tokenizer_dir=str(data.get("tokenizer_dir", TOKENIZER_DIR)),
+            format_version=int(data["format_version"]),
+        )
+
+
+def write_manifest(engine_dir: Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (temp file, then rename)."""
+    path = engine_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(engine_dir: str | Path) -> Manifest:
+    """Load and check an engine folder's manifest; one-line EngineFolderError on any problem."""
+    root = Path(engine_dir)
+    if not root.is_dir():
+        raise EngineFolderError(f"engine folder not found: {root}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineFolderError(
+            f"not an engine folder (no {MANIFEST_NAME}): {root}; create one with `sd-engine export`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EngineFolderError(f"corrupt {path}: {error}") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise EngineFolderError(
+            f"{path} has format version {version}, this sd-engine reads version {FORMAT_VERSION}; "
+            "re-export the model with this version"
+        )
+    try:
+        manifest = Manifest.from_json(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise EngineFolderError(f"corrupt {path}: bad or missing field {error}") from None
+    for entry in manifest.graphs.values():
+        if not (root / entry.file).is_file():
+            raise EngineFolderError(f"engine folder {root} is missing {entry.file}")
+    return manifest
