@@ -38,8 +38,7 @@ def quiet_libraries() -> None:
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 

@@ -9,6 +9,7 @@ when every graph passed, so an interrupted export never leaves a folder that loo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import secrets
@@ -218,9 +219,11 @@ def export_onnx(module: Any, spec: GraphSpec, path: Path, dims: ModelDims, vocab
     feeds = sample_inputs(spec, sizes, np.random.default_rng(0), vocab_size)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     auto = torch.export.Dim.AUTO
-    dynamic_shapes = {
-        t.name: {axis: auto for axis, dim in enumerate(t.dims) if isinstance(dim, str)} for t in spec.inputs
-    }
+    dynamic_shapes: list[Any] = [
+        {axis: auto for axis, dim in enumerate(t.dims) if isinstance(dim, str)} for t in spec.inputs
+    ]
+    if takes_varargs(module):
+        dynamic_shapes = [tuple(dynamic_shapes)]
     external = parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD
     with torch.no_grad():
         torch.onnx.export(
@@ -236,6 +239,11 @@ def export_onnx(module: Any, spec: GraphSpec, path: Path, dims: ModelDims, vocab
             verbose=False,
         )
     return f"{path.name}.data" if external else None
+
+
+def takes_varargs(module: Any) -> bool:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
 def parameter_bytes(module: Any) -> int:

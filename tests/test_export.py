@@ -16,7 +16,7 @@ from engine.errors import ParityError
 from engine.export import ExportSettings, compare, export_model, parity_gate
 from engine.manifest import FORMAT_VERSION, read_manifest
 from engine.runtime import OnnxRuntimeBackend
-from engine.specs import Network, unet_spec
+from engine.specs import Network, Precision, unet_spec
 from engine.torch_modules import UNetWrapper
 
 
@@ -111,3 +111,17 @@ def test_compare_reports_exact_numbers() -> None:
     assert report.max_abs == pytest.approx(0.5)
     assert report.rel_l2 == pytest.approx(0.5 / np.sqrt(14))
     assert report.psnr_db == pytest.approx(10 * np.log10(9 / (0.25 / 4)))
+
+
+def test_fp16_export_stores_half_weights_and_looser_parity(tiny_model: Path, tmp_path: Path) -> None:
+    import onnx
+
+    settings = ExportSettings(precision=Precision.FP16, networks=(Network.TEXT_ENCODER,))
+    result = export_model(tiny_model, tmp_path / "fp16", settings)
+    entry = result.manifest.graphs[Network.TEXT_ENCODER]
+    assert entry.precision is Precision.FP16
+    assert 0 < entry.parity["worst_rel_l2"] <= 2e-2
+    model = onnx.load(str(tmp_path / "fp16" / entry.file))
+    big = [t for t in model.graph.initializer if len(t.dims) == 2 and min(t.dims) >= 32]
+    assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+    assert [i.type.tensor_type.elem_type for i in model.graph.output] == [onnx.TensorProto.FLOAT] * 2
