@@ -25,3 +25,7 @@ class ParityError(EngineError):
 
 class MissingDependencyError(EngineError):
     """An optional dependency (torch, tensorrt, ...) is needed for this operation."""
+
+
+class Cancelled(EngineError):
+    """A generation was cancelled by its step callback."""

@@ -21,3 +21,20 @@ def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     from engine.export import export_model
 
     return export_model(tiny_model, tmp_path_factory.mktemp("engines") / "tiny").engine_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.presets import init_random
+
+    return init_random("tiny-v", tmp_path_factory.mktemp("models") / "tiny-v", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_engine(tiny_v_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SD 2 style (v-prediction, "!" padding); no VAE encoder, to keep CI fast."""
+    from engine.export import ExportSettings, export_model
+    from engine.specs import Network
+
+    settings = ExportSettings(networks=(Network.TEXT_ENCODER, Network.UNET, Network.VAE_DECODER))
+    return export_model(tiny_v_model, tmp_path_factory.mktemp("engines") / "tiny-v", settings).engine_dir

@@ -15,6 +15,9 @@ RUNTIME_MODULES = [
     "engine.specs",
     "engine.tokenizer",
     "engine.model_folder",
+    "engine.pipeline",
+    "engine.request",
+    "engine.schedulers",
 ]
 HEAVY = ["torch", "diffusers", "transformers", "onnx", "accelerate"]
 

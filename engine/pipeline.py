@@ -1,0 +1,323 @@
+"""txt2img and img2img over an engine folder: the same images as diffusers for the same seed.
+
+Stages are small functions (encode prompts, prepare latents, denoise, decode) over the graphs of a
+backend; the host work is NumPy (schedulers, guidance, the torch-compatible RNG), so the loop is
+the same whatever runs the networks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import schedulers
+from engine.errors import Cancelled, EngineError, MissingDependencyError
+from engine.manifest import Manifest, read_manifest
+from engine.request import GenerationRequest, StepInfo, make_request, validate
+from engine.rng import TorchGenerator, randn_batch, seeded_generators
+from engine.runtime import Graph
+from engine.specs import Network
+from engine.tokenizer import ClipTokenizer
+
+EMBEDDING_CACHE_SIZE = 64
+
+
+class BackendName(str, Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+    TENSORRT = "tensorrt"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Any]  # PIL.Image.Image
+    seeds: list[int]
+    parameters: dict[str, Any]
+    timings: dict[str, float]  # milliseconds
+    latents: np.ndarray | None = field(default=None, repr=False)  # final latents, before the VAE
+
+
+class EmbeddingCache:
+    """A small LRU of text embeddings keyed on (prompt, clip_skip): services repeat prompts."""
+
+    def __init__(self, size: int = EMBEDDING_CACHE_SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, int], value: np.ndarray) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def open_graphs(
+    engine_dir: Path, manifest: Manifest, backend: BackendName, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
+    """A loader for one network's graph on the chosen backend."""
+    if backend is BackendName.ONNXRUNTIME:
+        from engine.runtime import OnnxRuntimeBackend, OrtOptions
+
+        ort = OnnxRuntimeBackend(OrtOptions(**options))
+        cache_dir = engine_dir / ".cache" / "onnxruntime"
+
+        def load(network: Network) -> Graph:
+            entry = manifest.graphs[network]
+            return ort.load(
+                engine_dir / entry.file, entry.spec, cache_dir=cache_dir, content_hash=entry.sha256
+            )
+
+        return load
+    if backend is BackendName.TORCH:
+        from engine.torch_backend import TorchBackend
+
+        return TorchBackend.from_manifest(manifest, **options).load
+    raise MissingDependencyError(
+        'the tensorrt backend needs TensorRT and an NVIDIA GPU: pip install "sd-engine[tensorrt]"'
+    )
+
+
+class Pipeline:
+    """Generate images from an engine folder on one backend."""
+
+    def __init__(self, engine_dir: Path, manifest: Manifest, load_graph: Callable[[Network], Graph]) -> None:
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.tokenizer = ClipTokenizer.from_folder(engine_dir / manifest.tokenizer_dir)
+        self._load_graph = load_graph
+        self._graphs: dict[Network, Graph] = {}
+        self.embeddings = EmbeddingCache()
+        for network in (Network.TEXT_ENCODER, Network.UNET, Network.VAE_DECODER):
+            self.graph(network)
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", **options: Any) -> Pipeline:
+        root = Path(engine_dir)
+        manifest = read_manifest(root)
+        try:
+            name = BackendName(backend)
+        except ValueError:
+            valid = ", ".join(b.value for b in BackendName)
+            raise EngineError(f"unknown backend {backend!r}; valid backends: {valid}") from None
+        return cls(root, manifest, open_graphs(root, manifest, name, options))
+
+    def graph(self, network: Network) -> Graph:
+        """A network's graph, loaded on first use (the VAE encoder only for img2img)."""
+        if network not in self._graphs:
+            if network not in self.manifest.graphs:
+                raise EngineError(f"engine folder {self.engine_dir} has no {network.value} graph")
+            self._graphs[network] = self._load_graph(network)
+        return self._graphs[network]
+
+    @property
+    def model_hash(self) -> str:
+        """A1111-style short hash: the first 10 hex digits of the UNet graph's sha256."""
+        return self.manifest.graphs[Network.UNET].sha256[:10]
+
+    def generate(
+        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = "", **settings: Any
+    ) -> GenerationResult:
+        """Make images; see :class:`engine.request.GenerationRequest` for the settings."""
+        dims = self.manifest.dims
+        request = make_request(
+            prompt,
+            negative_prompt,
+            vae_scale_factor=dims.vae_scale_factor,
+            latent_channels=dims.latent_channels,
+            **settings,
+        )
+        return self.run(request)
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        validate(request, self.manifest.dims.vae_scale_factor, self.manifest.dims.latent_channels)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        sched = schedulers.create(request.sampler, self.manifest.scheduler_config)
+        sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
+        generators = seeded_generators(request.seed, request.num_images)
+        context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
+        latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
+        latents = self.denoise(request, sched, latents, context, generators, timings)
+        pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
+        images = to_pil(pixels)
+        timings["total"] = (time.perf_counter() - start) * 1000
+        return GenerationResult(images, request.seeds, self.parameters(request), timings, latents)
+
+    @staticmethod
+    def timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = work()
+        timings[name] = (time.perf_counter() - start) * 1000
+        return value
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def encode_text(self, texts: Sequence[str], clip_skip: int) -> np.ndarray:
+        """Embeddings (N, 77, D) for texts, from the LRU where possible."""
+        missing = list(dict.fromkeys(t for t in texts if self.embeddings.get((t, clip_skip)) is None))
+        if missing:
+            ids = self.tokenizer.encode(missing)
+            out = self.graph(Network.TEXT_ENCODER).run({"input_ids": ids})
+            hidden = out["penultimate_hidden_state" if clip_skip == 2 else "last_hidden_state"]
+            for text, embedding in zip(missing, hidden, strict=True):
+                self.embeddings.put((text, clip_skip), embedding)
+        return np.stack([self.embeddings.get((t, clip_skip)) for t in texts])
+
+    def encode_prompts(self, request: GenerationRequest) -> np.ndarray:
+        """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
+        positives = self.encode_text(request.prompts, request.clip_skip).repeat(request.batch_size, axis=0)
+        if not request.do_cfg:
+            return positives
+        negatives = self.encode_text(request.negative_prompts, request.clip_skip).repeat(
+            request.batch_size, axis=0
+        )
+        return np.concatenate([negatives, positives])
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
+        dims = self.manifest.dims
+        factor = dims.vae_scale_factor
+        return (request.num_images, dims.latent_channels, request.height // factor, request.width // factor)
+
+    def prepare_latents(
+        self, request: GenerationRequest, sched: schedulers.Scheduler, generators: list[TorchGenerator]
+    ) -> np.ndarray:
+        """Initial latents the way diffusers draws them from per-image generators."""
+        shape = self.latent_shape(request)
+        if request.is_img2img:
+            clean = self.encode_image(request, generators)
+            noise = randn_batch(generators, shape) if request.latents is None else request.latents
+            return sched.add_noise(clean, noise.astype(np.float32), 0).astype(np.float32)
+        noise = (
+            randn_batch(generators, shape) if request.latents is None else request.latents.astype(np.float32)
+        )
+        return (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+
+    def encode_image(self, request: GenerationRequest, generators: list[TorchGenerator]) -> np.ndarray:
+        """img2img: a posterior sample per image (one draw from each generator), scaled."""
+        pixels = image_to_array(request.image, request.width, request.height)
+        encoder = self.graph(Network.VAE_ENCODER)
+        posterior = encoder.run({"image": pixels})
+        mean, std = posterior["latent_mean"], posterior["latent_std"]
+        draws = [g.randn(mean.shape) for g in generators]
+        sample = np.concatenate([mean + std * d for d in draws])
+        return (sample * np.float32(self.manifest.scaling_factor)).astype(np.float32)
+
+    def denoise(
+        self,
+        request: GenerationRequest,
+        sched: schedulers.Scheduler,
+        latents: np.ndarray,
+        context: np.ndarray,
+        generators: list[TorchGenerator],
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """The sampling loop: scale, UNet (both CFG halves in one call), guide, step."""
+        unet = self.graph(Network.UNET)
+        unet_ms: list[float] = []
+        host_ms: list[float] = []
+        total = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            begin = time.perf_counter()
+            model_in = sched.scale_model_input(latents, i).astype(np.float32)
+            if request.do_cfg:
+                model_in = np.concatenate([model_in, model_in])
+            timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
+            middle = time.perf_counter()
+            noise_pred = unet.run(
+                {"sample": model_in, "timestep": timestep, "encoder_hidden_states": context}
+            )
+            after = time.perf_counter()
+            guided = guide(noise_pred["noise_pred"], request)
+            noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
+            latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
+            end = time.perf_counter()
+            unet_ms.append((after - middle) * 1000)
+            host_ms.append((middle - begin + end - after) * 1000)
+            notify(request, StepInfo(i + 1, total, float(t)))
+        timings["unet_total"] = sum(unet_ms)
+        timings["unet_per_step"] = float(np.mean(unet_ms)) if unet_ms else 0.0
+        timings["scheduler_per_step"] = float(np.mean(host_ms)) if host_ms else 0.0
+        return latents
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        scaled = (latents / np.float32(self.manifest.scaling_factor)).astype(np.float32)
+        return self.graph(Network.VAE_DECODER).run({"latent": scaled})["image"]
+
+    def parameters(self, request: GenerationRequest) -> dict[str, Any]:
+        return {
+            "prompt": request.prompts[0] if len(request.prompts) == 1 else list(request.prompts),
+            "negative_prompt": request.negative_prompts[0]
+            if len(request.negative_prompts) == 1
+            else list(request.negative_prompts),
+            "steps": request.steps,
+            "sampler": request.sampler,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "seed": request.seed,
+            "width": request.width,
+            "height": request.height,
+            "clip_skip": request.clip_skip,
+            "strength": request.strength if request.is_img2img else None,
+            "batch_size": request.batch_size,
+            "model_hash": self.model_hash,
+            "model_name": self.engine_dir.resolve().name,
+        }
+
+
+def guide(noise_pred: np.ndarray, request: GenerationRequest) -> np.ndarray:
+    """Classifier-free guidance with optional rescale (Lin et al. 2023, sec. 3.4), as diffusers."""
+    if not request.do_cfg:
+        return noise_pred
+    uncond, text = np.split(noise_pred, 2)
+    guided = uncond + np.float32(request.guidance_scale) * (text - uncond)
+    if request.guidance_rescale > 0:
+        axes = tuple(range(1, guided.ndim))
+        std_text = text.std(axis=axes, keepdims=True, ddof=1)
+        std_cfg = guided.std(axis=axes, keepdims=True, ddof=1)
+        rescaled = guided * (std_text / std_cfg)
+        phi = np.float32(request.guidance_rescale)
+        guided = phi * rescaled + (1 - phi) * guided
+    return guided.astype(np.float32)
+
+
+def notify(request: GenerationRequest, info: StepInfo) -> None:
+    if request.callback is not None and request.callback(info) is False:
+        raise Cancelled(f"generation cancelled at step {info.step}/{info.total}")
+
+
+def image_to_array(image: Any, width: int, height: int) -> np.ndarray:
+    """PIL image or HxWx3 uint8 array -> (1, 3, H, W) float32 in [-1, 1], resized to width x height."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image array must be HxWx3 uint8, got {image.shape} {image.dtype}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def to_pil(pixels: np.ndarray) -> list[Any]:
+    """VAE output in [-1, 1] (N, 3, H, W) -> PIL images, rounded like diffusers' postprocess."""
+    from PIL import Image
+
+    array = np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
