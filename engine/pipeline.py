@@ -26,6 +26,8 @@ from engine.runtime import Graph
 from engine.specs import Network
 from engine.tokenizer import ClipTokenizer
 
+__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
+
 EMBEDDING_CACHE_SIZE = 64
 
 
@@ -154,7 +156,7 @@ class Pipeline:
         pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
         images = to_pil(pixels)
         timings["total"] = (time.perf_counter() - start) * 1000
-        return GenerationResult(images, request.seeds, self.parameters(request), timings, latents)
+        return GenerationResult(images, request.seeds, self.parameters(request, sched.name), timings, latents)
 
     @staticmethod
     def timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
@@ -256,14 +258,20 @@ class Pipeline:
         scaled = (latents / np.float32(self.manifest.scaling_factor)).astype(np.float32)
         return self.graph(Network.VAE_DECODER).run({"latent": scaled})["image"]
 
-    def parameters(self, request: GenerationRequest) -> dict[str, Any]:
+    @property
+    def model_name(self) -> str:
+        """The source model folder's name (what A1111 shows as Model), else the engine folder's."""
+        source = self.manifest.source.get("model_dir")
+        return Path(source).name if source else self.engine_dir.resolve().name
+
+    def parameters(self, request: GenerationRequest, sampler: str) -> dict[str, Any]:
         return {
             "prompt": request.prompts[0] if len(request.prompts) == 1 else list(request.prompts),
             "negative_prompt": request.negative_prompts[0]
             if len(request.negative_prompts) == 1
             else list(request.negative_prompts),
             "steps": request.steps,
-            "sampler": request.sampler,
+            "sampler": sampler,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
             "seed": request.seed,
@@ -273,7 +281,7 @@ class Pipeline:
             "strength": request.strength if request.is_img2img else None,
             "batch_size": request.batch_size,
             "model_hash": self.model_hash,
-            "model_name": self.engine_dir.resolve().name,
+            "model_name": self.model_name,
         }
 
 

@@ -75,7 +75,7 @@ class TorchBackend:
         model_dir = manifest.source.get("model_dir")
         if not model_dir or not Path(model_dir).is_dir():
             raise EngineFolderError(
-                f"the torch backend needs the source model folder {model_dir!r} (from the manifest): not found"
+                f"torch backend: the source model folder {model_dir!r} named in the manifest is gone"
             )
         source = load_source_model(inspect_model_folder(model_dir))
         specs = {network: entry.spec for network, entry in manifest.graphs.items()}

@@ -15,6 +15,8 @@ RUNTIME_MODULES = [
     "engine.specs",
     "engine.tokenizer",
     "engine.model_folder",
+    "engine.infotext",
+    "engine.default_engine",
     "engine.pipeline",
     "engine.request",
     "engine.schedulers",
