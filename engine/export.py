@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import EngineError, ParityError
+from engine.errors import ParityError
+from engine.fsutil import staged_folder
 from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, write_manifest
 from engine.model_folder import ModelFolder, inspect_model_folder
 from engine.specs import (
@@ -108,16 +108,8 @@ def export_model(
     """Validate, convert every network, gate each on parity, then move the folder into place."""
     folder = inspect_model_folder(model_dir)
     target = Path(engine_dir).absolute()
-    check_target(target, settings.overwrite)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(target, settings.overwrite) as tmp:
         manifest, seconds = _export_into(folder, tmp, settings, progress)
-        install_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(target, manifest, seconds)
 
 
@@ -163,24 +155,6 @@ def build_manifest(folder: ModelFolder, dims: ModelDims, graphs: dict[Network, G
             "weights": {name: str(w.path.absolute()) for name, w in folder.weights.items()},
         },
     )
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise EngineError(f"engine folder path exists and is not a folder: {target}")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise EngineError(f"engine folder already exists and is not empty: {target} (use --overwrite)")
-
-
-def install_folder(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; an old one is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.replace(old)
-    tmp.replace(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_network(

@@ -23,8 +23,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -32,7 +30,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.errors import EngineError
+from engine.fsutil import staged_folder
+from engine.tokenizer import bytes_to_unicode
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -253,23 +252,6 @@ def preset_spec(preset: Preset | str) -> PresetSpec:
 # --- tokenizer -------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible map from bytes to printable characters (byte-level BPE's alphabet)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    codes = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes), strict=True))
-
-
 def _letter_rank_sum(text: str) -> int:
     return sum(_LETTERS.index(c) for c in text)
 
@@ -295,7 +277,7 @@ def clip_vocabulary(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, st
 
     For vocab_size 49,408 the specials land on 49406 / 49407 and "!" on 0, as in real CLIP.
     """
-    base = list(bytes_to_unicode().values())
+    base = bytes_to_unicode()
     tokens = base + [b + "</w>" for b in base]
     num_merges = vocab_size - len(tokens) - 2
     if num_merges < 0:
@@ -316,7 +298,7 @@ def special_token_id(token: str, vocab_size: int) -> int:
     """Id of BOS, EOS or a single byte-level character, without building the vocabulary."""
     if token in (BOS_TOKEN, EOS_TOKEN):
         return vocab_size - 2 + (token == EOS_TOKEN)
-    return list(bytes_to_unicode().values()).index(token)
+    return bytes_to_unicode().index(token)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -458,25 +440,6 @@ def _match_weight_permissions(directory: Path) -> None:
 # --- the folder ------------------------------------------------------------------------------
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EngineError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise EngineError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished folder into place; a non-empty old folder is swapped out, then removed."""
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)  # an empty directory is replaced atomically
-
-
 def init_random(preset: Preset | str, out_dir: str | Path, seed: int = 0, *, overwrite: bool = False) -> Path:
     """Write a diffusers folder with random weights for ``preset`` at ``out_dir``; returns its path.
 
@@ -485,14 +448,6 @@ def init_random(preset: Preset | str, out_dir: str | Path, seed: int = 0, *, ove
     """
     spec = preset_spec(preset)
     out_dir = Path(out_dir).absolute()
-    _check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with staged_folder(out_dir, overwrite) as tmp:
         _write_folder(tmp, spec, seed)
-        _install(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

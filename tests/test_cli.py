@@ -89,7 +89,7 @@ def test_export_refuses_non_empty_target(capsys, tiny_model: Path, tmp_path: Pat
     (tmp_path / "engine").mkdir()
     (tmp_path / "engine" / "keep.txt").write_text("mine")
     code, err = _run(capsys, "export", str(tiny_model), str(tmp_path / "engine"))
-    _assert_one_line_error(code, err, "already exists")
+    _assert_one_line_error(code, err, "exists and is not empty")
     assert (tmp_path / "engine" / "keep.txt").read_text() == "mine"
 
 
