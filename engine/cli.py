@@ -22,13 +22,14 @@ if TYPE_CHECKING:
     from PIL import Image
 
 from engine import __version__
+from engine.build_trt import add_build_command
 from engine.errors import EngineError
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEFAULT_SIZE = (512, 512)
 DEFAULT_ENGINE_SIZE = (64, 64)  # the built-in tiny engine: small images, fast
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
 BAR_WIDTH = 30
 RANDOM_SEED_LIMIT = 2**31  # random seeds stay far from the 2**32 - 1 limit, whatever the batch
 
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_generate(commands)
     _add_samplers(commands)
+    add_build_command(commands)
     return parser
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine import schedulers
-from engine.errors import Cancelled, EngineError, MissingDependencyError
+from engine.errors import Cancelled, EngineError
 from engine.manifest import Manifest, read_manifest
 from engine.request import GenerationRequest, StepInfo, make_request, validate
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
@@ -33,7 +33,8 @@ EMBEDDING_CACHE_SIZE = 64
 
 class BackendName(str, Enum):
     ONNXRUNTIME = "onnxruntime"
-    TORCH = "torch"
+    TORCH = "torch"  # the source model on the CPU: the reference path
+    TORCH_CUDA = "torch-cuda"  # fp16 on an NVIDIA GPU, UNet replayed as a CUDA graph
     TENSORRT = "tensorrt"
 
 
@@ -87,9 +88,13 @@ def open_graphs(
         from engine.torch_backend import TorchBackend
 
         return TorchBackend.from_manifest(manifest, **options).load
-    raise MissingDependencyError(
-        'the tensorrt backend needs TensorRT and an NVIDIA GPU: pip install "sd-engine[tensorrt]"'
-    )
+    if backend is BackendName.TORCH_CUDA:
+        from engine.torch_cuda import open_torch_cuda
+
+        return open_torch_cuda(manifest, **options)
+    from engine.trt_backend import open_tensorrt
+
+    return open_tensorrt(engine_dir, manifest, **options)
 
 
 class Pipeline:

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Check the GPU paths on any CUDA machine, in one command:
+#
+#   benchmarks/gpu.sh [RESULTS_DIR]
+#
+# 1. installs what is missing and can be installed (tensorrt, cuda-python; best effort: a machine
+#    without network goes on without them and the TensorRT parts report themselves skipped);
+# 2. makes the sd15 random-weight model and its ONNX engine folder (cached in $SD_ENGINE_GPU_WORK);
+# 3. builds the TensorRT plans when tensorrt is importable (static profile, 512x512, batch 1);
+# 4. runs the GPU and TensorRT tests (pytest -m "gpu or tensorrt");
+# 5. runs benchmarks/gpu_bench.py: torch-CUDA with and without CUDA graphs (and fused CFG), TensorRT
+#    when built, against diffusers fp16 eager, 512x512, 50 steps, CFG 7.5, batch 1, with PSNR against
+#    an fp32 CPU reference image.
+# Everything (log, nvidia-smi, pip freeze, build log, pytest report, results.json/.md, images) lands in
+# RESULTS_DIR, default benchmarks/results/gpu-<gpu>-<date>. The script exits non-zero if the tests
+# failed, after writing everything.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+WORK=${SD_ENGINE_GPU_WORK:-/tmp/sd-engine-gpu}
+STEPS=${STEPS:-50}
+RUNS=${RUNS:-3}
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
+    echo "gpu.sh: no NVIDIA GPU or driver on this machine (nvidia-smi failed)" >&2
+    exit 2
+fi
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
+OUT=${1:-benchmarks/results/gpu-${GPU}-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee "$OUT/log.txt") 2>&1
+echo "== sd-engine GPU check: results in $OUT"
+nvidia-smi | tee "$OUT/nvidia-smi.txt"
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu.sh: torch cannot see the GPU; install a CUDA build of torch" \
+        "(see pytorch.org) on a machine with an NVIDIA driver" >&2
+    exit 2
+fi
+
+has() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+try_install() {  # try_install MODULE PIP-SPEC...
+    local module=$1
+    shift
+    if has "$module"; then
+        echo "have $module"
+    elif "$PYTHON" -m pip install --quiet "$@"; then
+        echo "installed $*"
+    else
+        echo "could not install $* (no network?): going on without it"
+    fi
+}
+echo "== dependencies"
+for module in diffusers transformers onnx onnxruntime polygraphy; do
+    has "$module" || { echo "gpu.sh: $module is missing: pip install -e '.[export,dev]'" >&2; exit 2; }
+done
+try_install tensorrt "tensorrt>=10"
+has cuda.bindings || has cuda.cudart || try_install cuda "cuda-python>=12"
+"$PYTHON" -m pip freeze >"$OUT/pip-freeze.txt" 2>/dev/null
+
+MODEL=$WORK/sd15-model
+ENGINE=$WORK/sd15-engine
+echo "== model and engine folder in $WORK"
+[ -f "$MODEL/model_index.json" ] || "$PYTHON" -m engine.cli init-random sd15 "$MODEL" || exit 1
+[ -f "$ENGINE/manifest.json" ] || "$PYTHON" -m engine.cli export "$MODEL" "$ENGINE" || exit 1
+
+if has tensorrt && { has cuda.bindings || has cuda.cudart; }; then
+    echo "== TensorRT plans"
+    "$PYTHON" -m engine.build_trt "$ENGINE" --profile static --size 512x512 --batch 1 \
+        --timing-cache "$WORK/timing.cache" 2>&1 | tee "$OUT/build.txt"
+else
+    echo "== TensorRT plans: skipped (tensorrt or cuda-python missing)" | tee "$OUT/build.txt"
+fi
+
+echo "== GPU tests"
+"$PYTHON" -m pytest tests/test_gpu.py tests/test_build_trt.py -m "gpu or tensorrt" -ra -p no:cacheprovider \
+    --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.txt"
+TESTS=${PIPESTATUS[0]}
+
+echo "== benchmark"
+"$PYTHON" benchmarks/gpu_bench.py "$MODEL" "$ENGINE" --out "$OUT" --size 512 --steps "$STEPS" --runs "$RUNS"
+BENCH=$?
+
+echo "== done: tests exit $TESTS, benchmark exit $BENCH; results in $OUT"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]

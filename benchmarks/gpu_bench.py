@@ -1,0 +1,342 @@
+"""GPU benchmark: torch-CUDA with and without CUDA graphs (and fused guidance) vs diffusers fp16 eager.
+
+    python benchmarks/gpu_bench.py MODEL_DIR ENGINE_DIR --out RESULTS_DIR [--size 512 --steps 50 --runs 3]
+
+Every contender runs in its own process (load, one warm-up generation, then --runs timed ones) at the
+same prompt, sampler, seed and size, batch 1, classifier-free guidance on. Reported per contender:
+it/s (UNet steps per second of the sampling loop), s/image (text encoder to PIL image), the UNet's
+device time per step (CUDA events) and the host overhead per step: loop time per step minus the UNet's
+device time, i.e. everything the GPU spends not running the UNet (scheduler, guidance, copies,
+synchronisation, launch gaps). Each image is compared (PSNR) with an fp32 CPU reference made by
+diffusers from the same weights and seed. TensorRT contenders run when tensorrt and built plans exist.
+Writes results.json, results.md and the images into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, oil painting"
+NEGATIVE = "blurry, low quality"
+ENGINE_CONTENDERS = {
+    # name: (backend, options, fused guidance)
+    "torch-cuda eager": ("torch-cuda", {"cuda_graph": False}, False),
+    "torch-cuda graph": ("torch-cuda", {"cuda_graph": True}, False),
+    "torch-cuda graph + fused CFG": ("torch-cuda", {"cuda_graph": True}, True),
+    "tensorrt": ("tensorrt", {"cuda_graph": False}, False),
+    "tensorrt graph": ("tensorrt", {"cuda_graph": True}, False),
+}
+CONTENDERS = ["diffusers fp16 eager", *ENGINE_CONTENDERS]
+
+
+def engine_pipeline(args: argparse.Namespace, backend: str, options: dict[str, Any]) -> Any:
+    from engine.manifest import read_manifest
+    from engine.pipeline import Pipeline
+
+    root = Path(args.engine_dir)
+    manifest = read_manifest(root)
+    if backend == "tensorrt":
+        from engine.trt_backend import open_tensorrt
+
+        return Pipeline(root, manifest, open_tensorrt(root, manifest, timing=True, **options))
+    from engine.torch_cuda import open_torch_cuda
+
+    return Pipeline(root, manifest, open_torch_cuda(manifest, timing=True, **options))
+
+
+def engine_generate(pipe: Any, args: argparse.Namespace, fused: bool) -> tuple[Any, dict[str, float]]:
+    """The pipeline's stages with the loop written out, so fused guidance can replace run + guide."""
+    from engine import schedulers
+    from engine.pipeline import guide, to_pil
+    from engine.request import make_request
+    from engine.rng import randn_batch, seeded_generators
+    from engine.specs import Network
+
+    dims = pipe.manifest.dims
+    settings = {"steps": args.steps, "width": args.size, "height": args.size, "guidance_scale": args.cfg,
+                "sampler": args.sampler, "seed": args.seed}  # fmt: skip
+    request = make_request(
+        PROMPT,
+        NEGATIVE,
+        vae_scale_factor=dims.vae_scale_factor,
+        latent_channels=dims.latent_channels,
+        **settings,
+    )
+    start = time.perf_counter()
+    sched = schedulers.create(request.sampler, pipe.manifest.scheduler_config)
+    sched.set_timesteps(request.steps)
+    generators = seeded_generators(request.seed, request.num_images)
+    pipe.embeddings = type(pipe.embeddings)()  # every run pays for the text encoder, as diffusers does
+    context = pipe.encode_prompts(request)
+    latents = pipe.prepare_latents(request, sched, generators)
+    unet = pipe.graph(Network.UNET)
+    scale, step_ends = np.float32(request.guidance_scale), []
+    for i, t in enumerate(sched.timesteps):
+        model_in = sched.scale_model_input(latents, i).astype(np.float32)
+        timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
+        if fused:
+            guided = unet.run_guided(model_in, timestep, context, float(scale))
+        else:
+            both = {"sample": model_in, "timestep": timestep}
+            feeds = {k: np.concatenate([v, v]) for k, v in both.items()} | {"encoder_hidden_states": context}
+            guided = guide(unet.run(feeds)["noise_pred"], request)
+        noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
+        latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
+        step_ends.append(time.perf_counter())
+    image = to_pil(pipe.decode(latents))[0]
+    total = time.perf_counter() - start
+    return image, {"total_s": total, "step_ms": float(np.mean(np.diff(step_ends))) * 1000}
+
+
+def run_engine(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.specs import Network
+
+    backend, options, fused = ENGINE_CONTENDERS[args.child]
+    start = time.perf_counter()
+    pipe = engine_pipeline(args, backend, options)
+    load = time.perf_counter() - start
+    unet = pipe.graph(Network.UNET)
+    samples = []
+    for run in range(args.runs + 1):  # run 0 warms up (and captures the CUDA graph)
+        done = len(unet.device_ms)
+        image, timing = engine_generate(pipe, args, fused)
+        timing["unet_device_ms"] = float(np.mean(unet.device_ms[done + 1 :]))  # the loop's steps 2..n
+        if run:
+            samples.append(timing)
+    return {"load_s": load, "samples": samples, "image": np.asarray(image)}
+
+
+def run_diffusers(args: argparse.Namespace, device: str, dtype: str) -> dict[str, Any]:
+    import diffusers
+    import torch
+
+    from engine.sampling.registry import lookup
+
+    start = time.perf_counter()
+    torch_dtype = getattr(torch, dtype)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=torch_dtype,
+                                                             safety_checker=None).to(device)  # fmt: skip
+    entry = lookup(args.sampler)
+    pipe.scheduler = getattr(diffusers, entry.diffusers_class).from_config(
+        pipe.scheduler.config, **entry.forced
+    )
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - start
+    clock = UnetClock(pipe.unet) if device == "cuda" else None
+    runs = args.runs + 1 if device == "cuda" else 1
+    samples = []
+    step_times: list[float] = []
+
+    def on_step(pipeline: Any, i: int, t: Any, kwargs: dict) -> dict:
+        if device == "cuda" and i in (0, args.steps - 1):
+            torch.cuda.synchronize()  # only at the ends: the loop in between runs as diffusers runs it
+        step_times.append(time.perf_counter())
+        return kwargs
+
+    for run in range(runs):
+        step_times.clear()
+        if clock is not None:
+            clock.device_ms.clear()
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, width=args.size,
+                       height=args.size, guidance_scale=args.cfg, output_type="np",
+                       callback_on_step_end=on_step,
+                       generator=[torch.Generator("cpu").manual_seed(args.seed)])  # fmt: skip
+        total = time.perf_counter() - start
+        timing = {
+            "total_s": total,
+            "step_ms": (step_times[-1] - step_times[0]) / (len(step_times) - 1) * 1000,
+        }
+        if clock is not None:
+            clock.flush()
+            timing["unet_device_ms"] = float(np.mean(clock.device_ms[1:]))
+        if run or runs == 1:
+            samples.append(timing)
+    image = (out.images[0] * 255).round().astype(np.uint8)
+    return {"load_s": load, "samples": samples, "image": image}
+
+
+class UnetClock:
+    """CUDA events around each UNet forward of a diffusers pipeline (this instance's attribute only)."""
+
+    def __init__(self, unet: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device_ms: list[float] = []
+        self.pending: list[tuple[Any, Any]] = []
+        inner = unet.forward
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                end.record()
+                self.pending.append((start, end))
+
+        unet.forward = timed
+
+    def flush(self) -> None:
+        self.torch.cuda.synchronize()
+        self.device_ms.extend(start.elapsed_time(end) for start, end in self.pending)
+        self.pending.clear()
+
+
+def available(name: str, args: argparse.Namespace) -> str | None:
+    """Why a contender cannot run here, or None."""
+    import importlib.util
+
+    if ENGINE_CONTENDERS.get(name, ("",))[0] == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return 'tensorrt is not installed (pip install "sd-engine[tensorrt]")'
+        if not (Path(args.engine_dir) / "tensorrt" / "plans.json").is_file():
+            return "no TensorRT plans: run `python -m engine.build_trt ENGINE_DIR` first"
+    return None
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.child == "reference":
+        result = run_diffusers(args, "cpu", "float32")
+    elif args.child == "diffusers fp16 eager":
+        result = run_diffusers(args, "cuda", "float16")
+    else:
+        result = run_engine(args)
+    np.save(args.child_out + ".npy", result.pop("image"))
+    Path(args.child_out).write_text(json.dumps(result))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def spawn(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    slug = name.replace(" ", "_").replace("+", "plus")
+    target = out / f"{slug}.json"
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", name, "--child-out", str(target)]
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, check=False)
+    if done.returncode != 0:
+        return {"error": f"exit code {done.returncode} (see the log)"}
+    result = json.loads(target.read_text())
+    result["image"] = np.load(str(target) + ".npy")
+    from PIL import Image
+
+    Image.fromarray(result["image"]).save(out / f"{slug}.png")
+    return result
+
+
+def summarize(result: dict[str, Any], reference: np.ndarray | None) -> dict[str, Any]:
+    samples = result["samples"]
+    step_ms = statistics.median(s["step_ms"] for s in samples)
+    device = statistics.median(s["unet_device_ms"] for s in samples)
+    return {
+        "it_per_s": 1000 / step_ms,
+        "s_per_image": statistics.median(s["total_s"] for s in samples),
+        "step_ms": step_ms,
+        "unet_device_ms_per_step": device,
+        "host_overhead_ms_per_step": step_ms - device,
+        "psnr_vs_fp32_cpu_db": psnr(result["image"], reference) if reference is not None else None,
+        "load_s": result["load_s"],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"# GPU benchmark: {report['machine']['gpu']}",
+        "",
+        f"{s['size']}x{s['size']}, {s['steps']} steps, CFG {s['cfg']}, batch 1, {s['sampler']}, "
+        f"seed {s['seed']}, median of {s['runs']} runs after one warm-up. "
+        "Host overhead = loop time per step - UNet device time.",
+        "",
+        "| contender | it/s | s/image | UNet device ms/step | host overhead ms/step | PSNR vs fp32 CPU dB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in report["results"].items():
+        if "skipped" in row or "error" in row:
+            lines.append(f"| {name} | {row.get('skipped') or row.get('error')} | | | | |")
+            continue
+        db = row["psnr_vs_fp32_cpu_db"]
+        lines.append(
+            f"| {name} | {row['it_per_s']:.2f} | {row['s_per_image']:.2f} "
+            f"| {row['unet_device_ms_per_step']:.2f} | {row['host_overhead_ms_per_step']:.2f} "
+            f"| {'n/a' if db is None else f'{db:.1f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
+    except ImportError:
+        return "torch missing"
+
+
+def parent(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = None
+    if not args.no_reference:
+        ref = spawn("reference", args, out)
+        reference = ref.get("image")
+    results: dict[str, Any] = {}
+    for name in args.contenders:
+        reason = available(name, args)
+        if reason is not None:
+            results[name] = {"skipped": reason}
+            continue
+        raw = spawn(name, args, out)
+        results[name] = raw if "error" in raw else summarize(raw, reference)
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "child_out")}
+    machine = {"gpu": gpu_name(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    return {"machine": machine, "settings": settings, "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model_dir")
+    parser.add_argument("engine_dir")
+    parser.add_argument("--out", default="benchmarks/results/gpu")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--sampler", default="Euler a")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    parser.add_argument("--no-reference", action="store_true", help="skip the fp32 CPU reference image")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    report = parent(args)
+    (Path(args.out) / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (Path(args.out) / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
