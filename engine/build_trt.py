@@ -682,7 +682,7 @@ def parity_gate(
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from engine.export import compare
+    from engine.export import compare, summarize_parity
 
     engine = EngineFromBytes(plan)()
     rng = np.random.default_rng(seed)
@@ -695,16 +695,7 @@ def parity_gate(
                 actual = runner.infer(feeds)
             for name in spec.output_names:
                 reports.append(compare(expected[name], np.asarray(actual[name]), sizes))
-    worst = max(reports, key=lambda r: r.rel_l2)
-    return {
-        "passed": bool(worst.rel_l2 <= threshold),
-        "threshold_rel_l2": threshold,
-        "worst_rel_l2": worst.rel_l2,
-        "worst_max_abs": max(r.max_abs for r in reports),
-        "min_psnr_db": min(r.psnr_db for r in reports),
-        "seed": seed,
-        "checks": [r.to_json() for r in reports],
-    }
+    return summarize_parity(reports, threshold, seed)
 
 
 def vocab_size(tokenizer_dir: Path, default: int = 49408) -> int:
