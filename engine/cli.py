@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 from engine import __version__
+from engine.bench.cli import add_bench_command
 from engine.build_trt import add_build_command
 from engine.errors import EngineError
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_samplers(commands)
     add_build_command(commands)
+    add_bench_command(commands)
     return parser
 
 

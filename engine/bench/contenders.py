@@ -1,0 +1,281 @@
+"""What each contender runs inside its own process, and how its stages are timed.
+
+sd-engine reports its stages itself (``GenerationResult.timings``). diffusers is timed by wrapping
+the pipeline's *instances* (``text_encoder.forward``, ``unet.forward``, ``vae.decode``, the
+scheduler's ``step`` and ``scale_model_input``) with clocks; library modules are never patched.
+Every run starts from an empty prompt-embedding cache, so both sides pay for the text encoder.
+
+This module is imported only by the child process; torch and diffusers are imported inside the
+diffusers runner's methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.bench.config import ChildSpec, Contender, Device
+from engine.bench.machine import package_versions
+
+StepHook = Callable[[int, int], None]  # (step, total) after each UNet evaluation
+
+
+class Runner(Protocol):
+    """One contender: import its libraries, load the model, generate one run's images."""
+
+    def import_libraries(self) -> None: ...
+
+    def load(self) -> None: ...
+
+    def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
+        """The first image (HxWx3 uint8) and the stage timings in ms (``stats.STAGES`` inputs)."""
+        ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def peak_gpu_mib(self) -> float | None: ...
+
+
+def make_runner(spec: ChildSpec) -> Runner:
+    if spec.contender is Contender.DIFFUSERS:
+        return DiffusersRunner(spec)
+    return EngineRunner(spec)
+
+
+class EngineRunner:
+    """sd-engine on one backend (the contender's name)."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        if spec.engine_dir is None:
+            raise ValueError(f"contender {spec.contender.value} needs an engine folder")
+        self.spec = spec
+        self.engine_dir: Path = spec.engine_dir
+        self.pipe: Any = None
+        self.ort_cache_present = False
+
+    def import_libraries(self) -> None:
+        importlib.import_module("engine.pipeline")
+        if self.spec.contender is Contender.TORCH:
+            importlib.import_module("torch")
+            quiet_libraries()
+
+    def backend_options(self) -> dict[str, Any]:
+        if self.spec.device is not Device.CUDA:
+            return {}
+        if self.spec.contender is Contender.ONNXRUNTIME:
+            from engine.runtime import Provider
+
+            return {"provider": Provider.CUDA}
+        return {"device": "cuda"} if self.spec.contender is Contender.TORCH else {}
+
+    def load(self) -> None:
+        from engine.pipeline import Pipeline
+
+        cache = self.engine_dir / ".cache" / "onnxruntime"
+        self.ort_cache_present = cache.is_dir() and any(cache.iterdir())
+        self.pipe = Pipeline.load(
+            self.engine_dir, backend=self.spec.contender.value, **self.backend_options()
+        )
+
+    def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
+        from engine.pipeline import EmbeddingCache
+
+        w = self.spec.workload
+        calls = [0]
+
+        def callback(info: Any) -> None:
+            calls[0] += 1
+            on_step(info.step, info.total)
+
+        self.pipe.embeddings = EmbeddingCache()  # every run pays for its text encoder, as in diffusers
+        result = self.pipe.generate(
+            prompt,
+            w.negative_prompt,
+            steps=w.steps,
+            guidance_scale=w.guidance_scale,
+            width=w.width,
+            height=w.height,
+            sampler=w.sampler,
+            seed=w.seed,
+            batch_size=w.batch_size,
+            callback=callback,
+        )
+        stages = {name: float(value) for name, value in result.timings.items()}
+        stages["unet_calls"] = float(calls[0])
+        return np.asarray(result.images[0]), stages
+
+    def info(self) -> dict[str, Any]:
+        from engine.runtime import physical_cores
+        from engine.specs import Network
+
+        info: dict[str, Any] = {
+            "backend": self.spec.contender.value,
+            "providers": list(self.pipe.graph(Network.UNET).providers),
+            "versions": package_versions(("onnxruntime", "numpy", "tokenizers", "pillow")),
+        }
+        if self.spec.contender is Contender.ONNXRUNTIME:
+            info["intra_op_threads"] = physical_cores()
+            info["optimized_graph_cache_present"] = self.ort_cache_present
+        if self.spec.contender is Contender.TORCH:
+            info.update(torch_info())
+        return info
+
+    def peak_gpu_mib(self) -> float | None:
+        return torch_peak_gpu_mib() if self.spec.contender is Contender.TORCH else None
+
+
+def torch_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def torch_peak_gpu_mib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+class StageClock:
+    """Accumulating timers around methods of given *instances* (their own attributes are replaced)."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.totals, 0.0)
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    def wrap(self, obj: Any, method: str, name: str) -> None:
+        inner = getattr(obj, method)
+        self.totals[name] = 0.0
+        self.calls[name] = 0
+
+        @functools.wraps(inner)  # keeps the signature: diffusers inspects scheduler.step's parameters
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.sync()
+                self.totals[name] += (time.perf_counter() - start) * 1000
+                self.calls[name] += 1
+
+        setattr(obj, method, timed)
+
+
+class DiffusersRunner:
+    """diffusers' StableDiffusionPipeline in torch eager mode, fp32: the baseline users know."""
+
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.pipe: Any = None
+        self.clock = StageClock()
+
+    def import_libraries(self) -> None:
+        for name in ("torch", "diffusers", "transformers"):
+            importlib.import_module(name)
+        quiet_libraries()
+
+    def load(self) -> None:
+        import diffusers
+        import torch
+
+        from engine.sampling.registry import lookup
+
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            self.spec.model_dir, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
+        entry = lookup(self.spec.workload.sampler)
+        scheduler_class = getattr(diffusers, str(entry.diffusers_class))
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(entry.forced))
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.spec.device.value)
+        cuda = self.spec.device is Device.CUDA
+        self.clock = StageClock(torch.cuda.synchronize if cuda else lambda: None)
+        for obj, method, name in (
+            (pipe.text_encoder, "forward", "text_encoder"),
+            (pipe.unet, "forward", "unet"),
+            (pipe.vae, "decode", "vae_decode"),
+            (pipe.scheduler, "step", "scheduler"),
+            (pipe.scheduler, "scale_model_input", "scale_model_input"),
+        ):
+            self.clock.wrap(obj, method, name)
+        self.pipe = pipe
+
+    def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
+        import torch
+
+        w = self.spec.workload
+        generators = [torch.Generator("cpu").manual_seed(w.seed + i) for i in range(w.batch_size)]
+
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(i + 1, w.steps)
+            return {}
+
+        self.clock.reset()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt,
+                negative_prompt=w.negative_prompt,
+                num_inference_steps=w.steps,
+                width=w.width,
+                height=w.height,
+                guidance_scale=w.guidance_scale,
+                num_images_per_prompt=w.batch_size,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=callback,
+            )
+        total = (time.perf_counter() - start) * 1000
+        return np.asarray(out.images[0]), self.stages(total)
+
+    def stages(self, total_ms: float) -> dict[str, float]:
+        t, calls = self.clock.totals, max(self.clock.calls["unet"], 1)
+        return {
+            "text_encoder": t["text_encoder"],
+            "unet_total": t["unet"],
+            "unet_per_step": t["unet"] / calls,
+            "scheduler_per_step": (t["scheduler"] + t["scale_model_input"]) / calls,
+            "vae_decode": t["vae_decode"],
+            "total": total_ms,
+            "unet_calls": float(self.clock.calls["unet"]),
+        }
+
+    def info(self) -> dict[str, Any]:
+        versions = package_versions(("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow"))
+        return {"device": self.spec.device.value, "versions": versions, **torch_info()}
+
+    def peak_gpu_mib(self) -> float | None:
+        return torch_peak_gpu_mib() if self.spec.device is Device.CUDA else None
+
+
+def quiet_libraries() -> None:
+    """diffusers' and transformers' advisories and progress bars would bury the harness's own."""
+    import logging
+    import warnings
+
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
