@@ -13,7 +13,6 @@ import re
 import secrets
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -25,6 +24,7 @@ from engine import __version__
 from engine.bench.cli import add_bench_command
 from engine.build_trt import add_build_command
 from engine.errors import EngineError
+from engine.logs import quiet_libraries
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -43,19 +43,6 @@ def _err(message: str) -> None:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def quiet_libraries() -> None:
-    """Keep library progress bars and advisories off the terminal; our own progress goes to stderr."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:

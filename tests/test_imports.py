@@ -16,6 +16,7 @@ RUNTIME_MODULES = [
     "engine.tokenizer",
     "engine.model_folder",
     "engine.infotext",
+    "engine.logs",
     "engine.bench.cli",
     "engine.build_trt",
     "engine.trt_backend",

@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.bench.config import ChildSpec, Contender, Device
 from engine.bench.machine import package_versions
+from engine.logs import quiet_libraries
 
 StepHook = Callable[[int, int], None]  # (step, total) after each UNet evaluation
 
@@ -263,19 +264,3 @@ class DiffusersRunner:
 
     def peak_gpu_mib(self) -> float | None:
         return torch_peak_gpu_mib() if self.spec.device is Device.CUDA else None
-
-
-def quiet_libraries() -> None:
-    """diffusers' and transformers' advisories and progress bars would bury the harness's own."""
-    import logging
-    import warnings
-
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
