@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,13 @@ from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import (
     BATCH,
-    LATENT_HEIGHT,
-    LATENT_WIDTH,
-    SEQUENCE,
     GraphSpec,
     ModelDims,
     Network,
     Precision,
     TensorSpec,
     check_inputs,
+    unet_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -79,16 +77,16 @@ class TorchCudaOptions:
 
 def fused_cfg_unet_spec(dims: ModelDims) -> GraphSpec:
     """The fused-CFG UNet: B latents, B timesteps, 2B embeddings ([uncond; text]), a scale -> B noises."""
-    latent = (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    sample, timestep, context = unet_spec(dims).inputs
     return GraphSpec(
         Network.UNET,
         inputs=(
-            TensorSpec("sample", latent, "float32"),
-            TensorSpec("timestep", (BATCH,), "float32"),
-            TensorSpec("encoder_hidden_states", (CONTEXT_BATCH, SEQUENCE, dims.text_hidden_size), "float32"),
+            sample,
+            timestep,
+            replace(context, dims=(CONTEXT_BATCH, *context.dims[1:])),
             TensorSpec("guidance_scale", (1,), "float32"),
         ),
-        outputs=(TensorSpec("guided_noise", latent, "float32"),),
+        outputs=(replace(unet_spec(dims).outputs[0], name="guided_noise"),),
     )
 
 
