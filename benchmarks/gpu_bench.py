@@ -1,4 +1,5 @@
-"""GPU benchmark: torch-CUDA with and without CUDA graphs (and fused guidance) vs diffusers fp16 eager.
+"""GPU benchmark: torch-CUDA, ONNX Runtime CUDA and TensorRT, with and without CUDA graphs and fused
+guidance (the unet_cfg graph), against diffusers fp16 eager.
 
     python benchmarks/gpu_bench.py MODEL_DIR ENGINE_DIR --out RESULTS_DIR [--size 512 --steps 50 --runs 3]
 
@@ -30,73 +31,65 @@ import numpy as np
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, oil painting"
 NEGATIVE = "blurry, low quality"
 ENGINE_CONTENDERS = {
-    # name: (backend, options, fused guidance)
+    # name: (backend, backend options, fused guidance: the unet_cfg graph)
     "torch-cuda eager": ("torch-cuda", {"cuda_graph": False}, False),
     "torch-cuda graph": ("torch-cuda", {"cuda_graph": True}, False),
     "torch-cuda graph + fused CFG": ("torch-cuda", {"cuda_graph": True}, True),
+    "onnxruntime-cuda io-binding": ("onnxruntime", {"provider": "CUDAExecutionProvider"}, False),
+    "onnxruntime-cuda graph + fused CFG": (
+        "onnxruntime",
+        {"provider": "CUDAExecutionProvider", "cuda_graph": True},
+        True,
+    ),
     "tensorrt": ("tensorrt", {"cuda_graph": False}, False),
     "tensorrt graph": ("tensorrt", {"cuda_graph": True}, False),
+    "tensorrt graph + fused CFG": ("tensorrt", {"cuda_graph": True}, True),
 }
 CONTENDERS = ["diffusers fp16 eager", *ENGINE_CONTENDERS]
+TIMED_BACKENDS = ("torch-cuda", "tensorrt")  # their graphs record CUDA-event device times
 
 
-def engine_pipeline(args: argparse.Namespace, backend: str, options: dict[str, Any]) -> Any:
-    from engine.manifest import read_manifest
+def engine_pipeline(args: argparse.Namespace, backend: str, options: dict[str, Any], fused: bool) -> Any:
     from engine.pipeline import Pipeline
 
-    root = Path(args.engine_dir)
-    manifest = read_manifest(root)
-    if backend == "tensorrt":
-        from engine.trt_backend import open_tensorrt
-
-        return Pipeline(root, manifest, open_tensorrt(root, manifest, timing=True, **options))
-    from engine.torch_cuda import open_torch_cuda
-
-    return Pipeline(root, manifest, open_torch_cuda(manifest, timing=True, **options))
+    if backend in TIMED_BACKENDS:
+        options = {**options, "timing": True}
+    return Pipeline.load(args.engine_dir, backend, fused_cfg=fused, **options)
 
 
-def engine_generate(pipe: Any, args: argparse.Namespace, fused: bool) -> tuple[Any, dict[str, float]]:
-    """The pipeline's stages with the loop written out, so fused guidance can replace run + guide."""
-    from engine import schedulers
-    from engine.pipeline import guide, to_pil
+def engine_generate(pipe: Any, args: argparse.Namespace) -> tuple[Any, dict[str, float]]:
+    """One generation through Pipeline.run, with a timestamp at the end of every step."""
     from engine.request import make_request
-    from engine.rng import randn_batch, seeded_generators
-    from engine.specs import Network
 
     dims = pipe.manifest.dims
-    settings = {"steps": args.steps, "width": args.size, "height": args.size, "guidance_scale": args.cfg,
-                "sampler": args.sampler, "seed": args.seed}  # fmt: skip
+    step_ends: list[float] = []
+
+    def on_step(info: Any) -> None:
+        step_ends.append(time.perf_counter())
+
     request = make_request(
         PROMPT,
         NEGATIVE,
         vae_scale_factor=dims.vae_scale_factor,
         latent_channels=dims.latent_channels,
-        **settings,
+        steps=args.steps,
+        width=args.size,
+        height=args.size,
+        guidance_scale=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+        callback=on_step,
     )
-    start = time.perf_counter()
-    sched = schedulers.create(request.sampler, pipe.manifest.scheduler_config)
-    sched.set_timesteps(request.steps)
-    generators = seeded_generators(request.seed, request.num_images)
     pipe.embeddings = type(pipe.embeddings)()  # every run pays for the text encoder, as diffusers does
-    context = pipe.encode_prompts(request)
-    latents = pipe.prepare_latents(request, sched, generators)
-    unet = pipe.graph(Network.UNET)
-    scale, step_ends = np.float32(request.guidance_scale), []
-    for i, t in enumerate(sched.timesteps):
-        model_in = sched.scale_model_input(latents, i).astype(np.float32)
-        timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
-        if fused:
-            guided = unet.run_guided(model_in, timestep, context, float(scale))
-        else:
-            both = {"sample": model_in, "timestep": timestep}
-            feeds = {k: np.concatenate([v, v]) for k, v in both.items()} | {"encoder_hidden_states": context}
-            guided = guide(unet.run(feeds)["noise_pred"], request)
-        noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
-        latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
-        step_ends.append(time.perf_counter())
-    image = to_pil(pipe.decode(latents))[0]
+    start = time.perf_counter()
+    result = pipe.run(request)
     total = time.perf_counter() - start
-    return image, {"total_s": total, "step_ms": float(np.mean(np.diff(step_ends))) * 1000}
+    return result.images[0], {
+        "total_s": total,
+        "step_ms": float(np.mean(np.diff(step_ends))) * 1000,
+        "unet_call_ms": result.timings["unet_per_step"],
+        "host_ms": result.timings["scheduler_per_step"],
+    }
 
 
 def run_engine(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,17 +97,19 @@ def run_engine(args: argparse.Namespace) -> dict[str, Any]:
 
     backend, options, fused = ENGINE_CONTENDERS[args.child]
     start = time.perf_counter()
-    pipe = engine_pipeline(args, backend, options)
+    pipe = engine_pipeline(args, backend, options, fused)
     load = time.perf_counter() - start
-    unet = pipe.graph(Network.UNET)
+    unet = pipe.graph(Network.UNET_CFG if fused else Network.UNET)
+    clock = getattr(unet, "device_ms", None)
     samples = []
     for run in range(args.runs + 1):  # run 0 warms up (and captures the CUDA graph)
-        done = len(unet.device_ms)
-        image, timing = engine_generate(pipe, args, fused)
-        timing["unet_device_ms"] = float(np.mean(unet.device_ms[done + 1 :]))  # the loop's steps 2..n
+        done = len(clock) if clock is not None else 0
+        image, timing = engine_generate(pipe, args)
+        if clock is not None:  # the loop's steps 2..n, as measured by CUDA events
+            timing["unet_device_ms"] = float(np.mean(unet.device_ms[done + 1 :]))
         if run:
             samples.append(timing)
-    return {"load_s": load, "samples": samples, "image": np.asarray(image)}
+    return {"load_s": load, "samples": samples, "image": np.asarray(image), "providers": unet.providers}
 
 
 def run_diffusers(args: argparse.Namespace, device: str, dtype: str) -> dict[str, Any]:
@@ -201,7 +196,13 @@ def available(name: str, args: argparse.Namespace) -> str | None:
     """Why a contender cannot run here, or None."""
     import importlib.util
 
-    if ENGINE_CONTENDERS.get(name, ("",))[0] == "tensorrt":
+    backend = ENGINE_CONTENDERS.get(name, ("",))[0]
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return 'onnxruntime has no CUDA provider (pip install "sd-engine[gpu]")'
+    if backend == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:
             return 'tensorrt is not installed (pip install "sd-engine[tensorrt]")'
         if not (Path(args.engine_dir) / "tensorrt" / "plans.json").is_file():
@@ -244,7 +245,8 @@ def spawn(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def summarize(result: dict[str, Any], reference: np.ndarray | None) -> dict[str, Any]:
     samples = result["samples"]
     step_ms = statistics.median(s["step_ms"] for s in samples)
-    device = statistics.median(s["unet_device_ms"] for s in samples)
+    # Device time from CUDA events where the contender records them, else the UNet call's wall time.
+    device = statistics.median(s.get("unet_device_ms", s.get("unet_call_ms", float("nan"))) for s in samples)
     return {
         "it_per_s": 1000 / step_ms,
         "s_per_image": statistics.median(s["total_s"] for s in samples),
@@ -253,6 +255,10 @@ def summarize(result: dict[str, Any], reference: np.ndarray | None) -> dict[str,
         "host_overhead_ms_per_step": step_ms - device,
         "psnr_vs_fp32_cpu_db": psnr(result["image"], reference) if reference is not None else None,
         "load_s": result["load_s"],
+        "host_loop_ms_per_step": statistics.median(s["host_ms"] for s in samples)
+        if "host_ms" in samples[0]
+        else None,
+        "providers": result.get("providers"),
     }
 
 

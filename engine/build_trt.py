@@ -40,20 +40,17 @@ import numpy as np
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError, ParityError
 from engine.manifest import Manifest, read_manifest, write_manifest
 from engine.specs import (
-    BATCH,
-    IMAGE_HEIGHT,
-    IMAGE_WIDTH,
-    LATENT_HEIGHT,
-    LATENT_WIDTH,
-    SEQUENCE,
     GraphSpec,
     ModelDims,
     Network,
     Precision,
+    axis_sizes,
     sample_inputs,
 )
 
 log = logging.getLogger(__name__)
+
+MAX_KEPT_ERRORS = 50  # TensorRT errors kept for the next failure message
 
 TRT_INSTALL_HINT = 'pip install "sd-engine[tensorrt]"'
 PLAN_DIR = "tensorrt"
@@ -186,13 +183,14 @@ def make_profiles(
 def network_batch(network: Network, profile: ShapeProfile) -> Range:
     """The batch axis of one network for a profile.
 
-    UNet: 2 x images with classifier-free guidance; a dynamic profile reaches down to the images
-    alone (guidance off). Text encoder: 1 up to the images, since the pipeline encodes only prompts
-    its embedding cache lacks. VAE: the images.
+    UNet: from the images (guidance off) to 2 x images (guidance with rescale, which the
+    fused-guidance UNet cannot do); opt at 2 x images. Text encoder: 1 up to the images, since the
+    pipeline encodes only prompts its embedding cache lacks. VAE and the fused-guidance UNet (whose
+    embeddings' batch is twice this): the images.
     """
     low, opt, high = profile.batch
     if network is Network.UNET:
-        return (2 * low if profile.is_static else low), 2 * opt, 2 * high
+        return low, 2 * opt, 2 * high
     if network is Network.TEXT_ENCODER:
         return 1, opt, high
     return low, opt, high
@@ -210,14 +208,9 @@ def axis_ranges(network: Network, profile: ShapeProfile, dims: ModelDims) -> tup
         raise BuildError(f"text sequence {list(profile.sequence)} must be multiples of {chunk} tokens")
     batch = network_batch(network, profile)
     return tuple(
-        {
-            BATCH: batch[i],
-            SEQUENCE: profile.sequence[i],
-            LATENT_HEIGHT: profile.height[i] // factor,
-            LATENT_WIDTH: profile.width[i] // factor,
-            IMAGE_HEIGHT: profile.height[i],
-            IMAGE_WIDTH: profile.width[i],
-        }
+        axis_sizes(
+            batch[i], profile.height[i] // factor, profile.width[i] // factor, factor, profile.sequence[i]
+        )
         for i in range(3)
     )
 
@@ -428,7 +421,12 @@ def write_sidecar(plan: Path, key: PlanKey, plan_bytes: bytes, extra: Mapping[st
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """How plans are built. ``networks`` None: every network of the engine folder."""
+    """How plans are built.
+
+    ``networks`` None: every network of the engine folder, except that a folder with the fused-guidance
+    UNet (unet_cfg) gets that plan and not the plain UNet's: sampling with guidance, the usual case, needs
+    only one UNet plan. Ask for ``unet`` too to run with guidance off or with guidance_rescale.
+    """
 
     profiles: tuple[ShapeProfile, ...] = (ShapeProfile.static(1, 512, 512),)
     networks: tuple[Network, ...] | None = None
@@ -444,7 +442,7 @@ class BuildSettings:
 
 def plan_targets(manifest: Manifest, settings: BuildSettings) -> list[PlanTarget]:
     """The plans to build: fp16 text encoder and UNet; fp32 VAE, plus fp16 when guarded."""
-    networks = settings.networks if settings.networks is not None else tuple(manifest.graphs)
+    networks = settings.networks if settings.networks is not None else default_networks(manifest)
     missing = [n.value for n in networks if n not in manifest.graphs]
     if missing:
         raise EngineFolderError(f"the engine folder has no ONNX graph for {missing}")
@@ -458,6 +456,12 @@ def plan_targets(manifest: Manifest, settings: BuildSettings) -> list[PlanTarget
         else:
             targets.append(PlanTarget(network, Precision.FP16, typed))
     return targets
+
+
+def default_networks(manifest: Manifest) -> tuple[Network, ...]:
+    """Every network of the folder; the fused-guidance UNet replaces the plain one when present."""
+    fused = Network.UNET_CFG in manifest.graphs
+    return tuple(n for n in manifest.graphs if not (fused and n is Network.UNET))
 
 
 def plan_index(targets: Sequence[PlanTarget], passed: Mapping[str, bool]) -> dict[str, Any]:
@@ -563,8 +567,14 @@ def check_environment(device: int = 0) -> tuple[Any, Any, GpuInfo]:
     """tensorrt, cuda-python's runtime and the GPU, or one line saying which is missing."""
     trt = import_tensorrt()
     cudart = import_cudart()
+    try:
+        import polygraphy  # noqa: F401  (the parity gate runs TensorRT and ONNX Runtime through it)
+    except ImportError:
+        raise MissingDependencyError(f"polygraphy is not installed: {TRT_INSTALL_HINT}") from None
     gpu = detect_gpu(cudart, device)
     cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
+    # Plans whose ONNX used plugin ops (e.g. GroupNorm in some exports) need the plugin registry.
+    trt.init_libnvinfer_plugins(trt_logger(trt), "")
     return trt, cudart, gpu
 
 
@@ -601,6 +611,7 @@ def trt_logger(trt: Any) -> Any:
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
+                del self.errors[:-MAX_KEPT_ERRORS]  # a long-running service logs through this one too
                 log.error("tensorrt: %s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
                 log.warning("tensorrt: %s", msg)
@@ -639,10 +650,15 @@ def build_plan(
     for profile_shapes_ in shapes:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in profile_shapes_.items():
-            profile.set_shape(name, low, opt, high)
+            try:  # the Python bindings raise (not return False) on a bad shape
+                profile.set_shape(name, low, opt, high)
+            except (RuntimeError, TypeError) as error:
+                raise BuildError(
+                    f"TensorRT rejected the profile of '{name}' {low}/{opt}/{high}: {error}"
+                ) from None
         config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    cache = config.create_timing_cache(timing_cache) if timing_cache else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         log.warning("the timing cache does not fit this TensorRT/GPU; starting an empty one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     try:
@@ -663,7 +679,7 @@ def parity_points(
     for index, profile in enumerate(profiles):
         low, opt, _ = axis_ranges(spec.network, profile, dims)
         points.append((index, opt))
-        if not profile.is_static:
+        if low != opt:  # a dynamic profile, or the plain UNet's batch range
             points.append((index, low))
     return points
 
@@ -687,7 +703,12 @@ def parity_gate(
     engine = EngineFromBytes(plan)()
     rng = np.random.default_rng(seed)
     reports = []
-    with OnnxrtRunner(SessionFromOnnx(str(onnx_path))) as reference:
+    import onnxruntime
+
+    providers = (
+        ["cuda", "cpu"] if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else ["cpu"]
+    )
+    with OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=providers)) as reference:
         for index, sizes in parity_points(spec, profiles, dims):
             feeds = sample_inputs(spec, sizes, rng, vocab_size)
             expected = reference.infer(feeds)

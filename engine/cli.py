@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_SIZE = (512, 512)
 DEFAULT_ENGINE_SIZE = (64, 64)  # the built-in tiny engine: small images, fast
 BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
+SWITCH = {"auto": None, "on": True, "off": False}
 BAR_WIDTH = 30
 RANDOM_SEED_LIMIT = 2**31  # random seeds stay far from the 2**32 - 1 limit, whatever the batch
 
@@ -192,7 +193,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = open_init_image(args.init_image) if args.init_image is not None else None
     engine_dir, is_default = resolve_engine(args.engine_dir)
     start = time.perf_counter()
-    pipe = Pipeline.load(engine_dir, backend=args.backend)
+    pipe = Pipeline.load(
+        engine_dir, backend=args.backend, fused_cfg=SWITCH[args.fused_cfg], **backend_options(args)
+    )
     log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)
     bar = ProgressBar(sys.stderr)
     try:
@@ -207,6 +210,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path, seed in zip(paths, result.seeds, strict=True):
         print(f"{path}  seed {seed}  {elapsed:.1f} s", flush=True)
     return 0
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--cuda-graph for the backends that have CUDA graphs (auto: the backend's default)."""
+    wanted = SWITCH[args.cuda_graph]
+    if wanted is None:
+        return {}
+    if args.backend == "torch":
+        raise EngineError("--cuda-graph: the torch backend runs on the CPU; use --backend torch-cuda")
+    return {"cuda_graph": wanted}
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
@@ -284,6 +297,18 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength (default 0.8)")
     cmd.add_argument("--clip-skip", type=int, default=1, help="1 or 2 (default 1)")
     cmd.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default onnxruntime)")
+    cmd.add_argument(
+        "--fused-cfg",
+        choices=list(SWITCH),
+        default="auto",
+        help="guidance inside the unet_cfg graph (auto: when the engine folder has it)",
+    )
+    cmd.add_argument(
+        "--cuda-graph",
+        choices=list(SWITCH),
+        default="auto",
+        help="replay the UNet as a CUDA graph (auto: on for torch-cuda and tensorrt, off for onnxruntime)",
+    )
     cmd.add_argument(
         "-o",
         "--output",

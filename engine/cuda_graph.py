@@ -43,6 +43,8 @@ ShapeKey = tuple[tuple[str, tuple[int, ...], str], ...]
 class GraphOps(Protocol[BuffersT, GraphT]):
     """The device work of one network on one backend; the runner decides when each step happens."""
 
+    spec: GraphSpec
+
     def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> BuffersT:
         """Static input and output buffers (device, and pinned host where the backend stages copies)."""
         ...
@@ -126,12 +128,31 @@ class CudaGraphRunner(Generic[BuffersT, GraphT]):
             self.stats.launches += 1
         else:
             if self._graph is None:
-                self._graph = self.ops.capture(buffers)
-                self.stats.captures += 1
-            self.ops.replay(self._graph)
-            self.stats.replays += 1
+                self._graph = self._capture(buffers)
+            if self._graph is None:
+                self.ops.launch(buffers)
+                self.stats.launches += 1
+            else:
+                self.ops.replay(self._graph)
+                self.stats.replays += 1
         self._runs += 1
         return self.ops.read_outputs(buffers)
+
+    def _capture(self, buffers: BuffersT) -> GraphT | None:
+        """Record the graph; when the network cannot be captured, warn once and launch from now on."""
+        try:
+            graph = self.ops.capture(buffers)
+        except Exception as error:  # e.g. a TensorRT plan with data-dependent shapes or host syncs
+            warnings.warn(
+                f"{self.ops.spec.network.value}: CUDA graph capture failed ({error}); running without "
+                "CUDA graphs",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.enabled = False
+            return None
+        self.stats.captures += 1
+        return graph
 
     def invalidate(self) -> None:
         """Drop the graph, keep the buffers: call after anything reallocated memory it recorded."""

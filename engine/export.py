@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ParityError
+from engine.cfg_graph import derive_cfg_graph
+from engine.errors import EngineError, ParityError
 from engine.fsutil import staged_folder
 from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, write_manifest
 from engine.model_folder import ModelFolder, inspect_model_folder
@@ -56,6 +57,12 @@ class ExportSettings:
     # fp16 graphs keep the VAE in fp32: the SD VAE overflows in fp16.
     fp32_networks: tuple[Network, ...] = (Network.VAE_DECODER, Network.VAE_ENCODER)
     parity_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        ordered = tuple(n for n in Network if n in self.networks)  # unet before the unet_cfg derived from it
+        object.__setattr__(self, "networks", ordered)
+        if Network.UNET_CFG in ordered and Network.UNET not in ordered:
+            raise EngineError("the unet_cfg graph is derived from the unet graph: export unet with it")
 
     def precision_of(self, network: Network) -> Precision:
         return Precision.FP32 if network in self.fp32_networks else self.precision
@@ -130,7 +137,19 @@ def _export_into(
         progress(f"exporting {network.value}")
         start = time.perf_counter()
         module = source.wrapper(network)
-        graphs[network] = convert_network(network, module, specs[network], out, settings, dims, vocab_size)
+        if network is Network.UNET_CFG:
+            derive_cfg_graph(
+                out / graphs[Network.UNET].file,
+                out / f"{network.value}.onnx",
+                specs[Network.UNET],
+                specs[network],
+            )
+            external = graphs[Network.UNET].external_data
+            graphs[network] = gated_entry(module, specs[network], out, external, settings, dims, vocab_size)
+        else:
+            graphs[network] = convert_network(
+                network, module, specs[network], out, settings, dims, vocab_size
+            )
         seconds[network.value] = time.perf_counter() - start
         parity = graphs[network].parity
         progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
@@ -172,6 +191,21 @@ def convert_network(
     path = out / f"{network.value}.onnx"
     external = export_onnx(graph_module, spec, path, dims, vocab_size)
     name_dynamic_axes(path, spec)
+    return gated_entry(module, spec, out, external, settings, dims, vocab_size)
+
+
+def gated_entry(
+    module: Any,
+    spec: GraphSpec,
+    out: Path,
+    external: str | None,
+    settings: ExportSettings,
+    dims: ModelDims,
+    vocab_size: int,
+) -> GraphEntry:
+    """The manifest entry of ``out/<network>.onnx`` once it matched its torch reference."""
+    precision = settings.precision_of(spec.network)
+    path = out / f"{spec.network.value}.onnx"
     parity = parity_gate(module, spec, path, dims, vocab_size, settings.threshold(precision))
     return GraphEntry(
         file=path.name,

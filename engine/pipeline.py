@@ -72,9 +72,9 @@ def open_graphs(
 ) -> Callable[[Network], Graph]:
     """A loader for one network's graph on the chosen backend."""
     if backend is BackendName.ONNXRUNTIME:
-        from engine.runtime import OnnxRuntimeBackend, OrtOptions
+        from engine.runtime import OnnxRuntimeBackend
 
-        ort = OnnxRuntimeBackend(OrtOptions(**options))
+        ort = OnnxRuntimeBackend(ort_options(options))
         cache_dir = engine_dir / ".cache" / "onnxruntime"
 
         def load(network: Network) -> Graph:
@@ -97,21 +97,59 @@ def open_graphs(
     return open_tensorrt(engine_dir, manifest, **options)
 
 
+def ort_options(options: Mapping[str, Any]) -> Any:
+    """OrtOptions from keyword options; the provider may be given by name ("CUDAExecutionProvider")."""
+    from engine.runtime import OrtOptions, Provider
+
+    try:
+        fields = dict(options)
+        if fields.get("provider") is not None:
+            fields["provider"] = Provider(fields["provider"])
+        return OrtOptions(**fields)
+    except (TypeError, ValueError) as error:
+        valid = ", ".join(OrtOptions.__dataclass_fields__)
+        providers = ", ".join(p.value for p in Provider)
+        raise EngineError(
+            f"bad onnxruntime backend options {dict(options)} ({error}); valid: {valid}; "
+            f"providers: {providers}"
+        ) from None
+
+
 class Pipeline:
     """Generate images from an engine folder on one backend."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, load_graph: Callable[[Network], Graph]) -> None:
+    def __init__(
+        self,
+        engine_dir: Path,
+        manifest: Manifest,
+        load_graph: Callable[[Network], Graph],
+        fused_cfg: bool | None = None,
+    ) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.tokenizer = ClipTokenizer.from_folder(engine_dir / manifest.tokenizer_dir)
+        self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, fused_cfg)
         self._load_graph = load_graph
         self._graphs: dict[Network, Graph] = {}
         self.embeddings = EmbeddingCache()
-        for network in (Network.TEXT_ENCODER, Network.UNET, Network.VAE_DECODER):
+        unet = Network.UNET_CFG if self.fused_cfg else Network.UNET
+        for network in (Network.TEXT_ENCODER, unet, Network.VAE_DECODER):
             self.graph(network)
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", **options: Any) -> Pipeline:
+    def load(
+        cls,
+        engine_dir: str | Path,
+        backend: str = "onnxruntime",
+        fused_cfg: bool | None = None,
+        **options: Any,
+    ) -> Pipeline:
+        """Open an engine folder on a backend (options go to the backend).
+
+        fused_cfg: run classifier-free guidance inside the ``unet_cfg`` graph (B latents in, B guided
+        noises out) instead of combining 2B predictions on the host. None: whenever the engine folder
+        has that graph. Requests with guidance off or guidance_rescale > 0 use the plain UNet.
+        """
         root = Path(engine_dir)
         manifest = read_manifest(root)
         try:
@@ -119,7 +157,7 @@ class Pipeline:
         except ValueError:
             valid = ", ".join(b.value for b in BackendName)
             raise EngineError(f"unknown backend {backend!r}; valid backends: {valid}") from None
-        return cls(root, manifest, open_graphs(root, manifest, name, options))
+        return cls(root, manifest, open_graphs(root, manifest, name, options), fused_cfg)
 
     def graph(self, network: Network) -> Graph:
         """A network's graph, loaded on first use (the VAE encoder only for img2img)."""
@@ -231,23 +269,24 @@ class Pipeline:
         generators: list[TorchGenerator],
         timings: dict[str, float],
     ) -> np.ndarray:
-        """The sampling loop: scale, UNet (both CFG halves in one call), guide, step."""
-        unet = self.graph(Network.UNET)
+        """The sampling loop: scale, UNet (both CFG halves in one call) and guidance, step."""
+        fused = self.uses_fused_cfg(request)
+        unet = self.graph(Network.UNET_CFG if fused else Network.UNET)
         unet_ms: list[float] = []
         host_ms: list[float] = []
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             begin = time.perf_counter()
             model_in = sched.scale_model_input(latents, i).astype(np.float32)
-            if request.do_cfg:
-                model_in = np.concatenate([model_in, model_in])
-            timestep = np.full((model_in.shape[0],), t, dtype=np.float32)
-            middle = time.perf_counter()
-            noise_pred = unet.run(
-                {"sample": model_in, "timestep": timestep, "encoder_hidden_states": context}
+            feeds = (
+                fused_feeds(model_in, t, context, request)
+                if fused
+                else unet_feeds(model_in, t, context, request)
             )
+            middle = time.perf_counter()
+            outputs = unet.run(feeds)
             after = time.perf_counter()
-            guided = guide(noise_pred["noise_pred"], request)
+            guided = outputs["guided_noise"] if fused else guide(outputs["noise_pred"], request)
             noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
             latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
             end = time.perf_counter()
@@ -258,6 +297,10 @@ class Pipeline:
         timings["unet_per_step"] = float(np.mean(unet_ms)) if unet_ms else 0.0
         timings["scheduler_per_step"] = float(np.mean(host_ms)) if host_ms else 0.0
         return latents
+
+    def uses_fused_cfg(self, request: GenerationRequest) -> bool:
+        """Whether a request runs the fused-guidance graph (it cannot rescale)."""
+        return self.fused_cfg and request.do_cfg and request.guidance_rescale == 0
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         scaled = (latents / np.float32(self.manifest.scaling_factor)).astype(np.float32)
@@ -288,6 +331,38 @@ class Pipeline:
             "model_hash": self.model_hash,
             "model_name": self.model_name,
         }
+
+
+def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None) -> bool:
+    """None: fused when the engine folder has the graph; True: required; False: never."""
+    present = Network.UNET_CFG in manifest.graphs
+    if wanted and not present:
+        raise EngineError(
+            f"engine folder {engine_dir} has no {Network.UNET_CFG.value} graph for fused guidance; "
+            "re-export it with `sd-engine export` (or turn fused guidance off)"
+        )
+    return present if wanted is None else wanted
+
+
+def unet_feeds(
+    model_in: np.ndarray, t: float, context: np.ndarray, request: GenerationRequest
+) -> dict[str, np.ndarray]:
+    """Plain UNet inputs: the latents twice under guidance (negatives first, as the context)."""
+    sample = np.concatenate([model_in, model_in]) if request.do_cfg else model_in
+    timestep = np.full((sample.shape[0],), t, dtype=np.float32)
+    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+
+
+def fused_feeds(
+    model_in: np.ndarray, t: float, context: np.ndarray, request: GenerationRequest
+) -> dict[str, np.ndarray]:
+    """unet_cfg inputs: B latents, 2B embeddings, the scale; the graph doubles and combines."""
+    return {
+        "sample": model_in,
+        "timestep": np.full((model_in.shape[0],), t, dtype=np.float32),
+        "encoder_hidden_states": context,
+        "guidance_scale": np.array([request.guidance_scale], dtype=np.float32),
+    }
 
 
 def guide(noise_pred: np.ndarray, request: GenerationRequest) -> np.ndarray:

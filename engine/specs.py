@@ -27,12 +27,15 @@ class Network(str, Enum):
 
     TEXT_ENCODER = "text_encoder"
     UNET = "unet"
+    # The UNet with classifier-free guidance inside: derived from the unet graph, sharing its weights.
+    UNET_CFG = "unet_cfg"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
 
 
 # Symbolic axes. Latent sizes are image sizes divided by the VAE scale factor.
 BATCH = "batch"
+CONTEXT_BATCH = "context_batch"  # fused guidance: the embeddings' batch, twice the latents'
 SEQUENCE = "sequence"
 LATENT_HEIGHT = "latent_height"
 LATENT_WIDTH = "latent_width"
@@ -140,6 +143,21 @@ def unet_spec(dims: ModelDims) -> GraphSpec:
     )
 
 
+def unet_cfg_spec(dims: ModelDims) -> GraphSpec:
+    """B latents, B timesteps, 2B embeddings ([negatives; positives]) and the scale -> B guided noises."""
+    sample, timestep, context = unet_spec(dims).inputs
+    return GraphSpec(
+        Network.UNET_CFG,
+        inputs=(
+            sample,
+            timestep,
+            TensorSpec(context.name, (CONTEXT_BATCH, *context.dims[1:]), context.dtype),
+            TensorSpec("guidance_scale", (1,), "float32"),
+        ),
+        outputs=(TensorSpec("guided_noise", sample.dims, "float32"),),
+    )
+
+
 def vae_decoder_spec(dims: ModelDims) -> GraphSpec:
     return GraphSpec(
         Network.VAE_DECODER,
@@ -160,6 +178,7 @@ def vae_encoder_spec(dims: ModelDims) -> GraphSpec:
 SPEC_BUILDERS = {
     Network.TEXT_ENCODER: text_encoder_spec,
     Network.UNET: unet_spec,
+    Network.UNET_CFG: unet_cfg_spec,
     Network.VAE_DECODER: vae_decoder_spec,
     Network.VAE_ENCODER: vae_encoder_spec,
 }
@@ -175,6 +194,7 @@ def axis_sizes(
     """Sizes of every symbolic axis for one request shape."""
     return {
         BATCH: batch,
+        CONTEXT_BATCH: 2 * batch,
         SEQUENCE: sequence,
         LATENT_HEIGHT: latent_height,
         LATENT_WIDTH: latent_width,
@@ -186,7 +206,8 @@ def axis_sizes(
 def sample_inputs(
     spec: GraphSpec, sizes: Mapping[str, int], rng: np.random.Generator, vocab_size: int = 1000
 ) -> dict[str, np.ndarray]:
-    """Random inputs that fit the spec: normal floats, token ids below vocab_size, timesteps in [0, 1000)."""
+    """Random inputs that fit the spec: normal floats, token ids below vocab_size, timesteps in
+    [0, 1000), guidance scales in [1, 12)."""
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tensor.shape(sizes)
@@ -194,6 +215,8 @@ def sample_inputs(
             feeds[tensor.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
         elif tensor.name == "timestep":
             feeds[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
+        elif tensor.name == "guidance_scale":
+            feeds[tensor.name] = rng.uniform(1, 12, size=shape).astype(np.float32)
         else:
             feeds[tensor.name] = rng.standard_normal(shape, dtype=np.float32)
     return feeds
@@ -215,6 +238,11 @@ def check_inputs(spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, 
     sizes: dict[str, int] = {}
     for tensor in spec.inputs:
         _check_tensor(spec.network, tensor, feeds[tensor.name], sizes)
+    if CONTEXT_BATCH in sizes and sizes[CONTEXT_BATCH] != 2 * sizes[BATCH]:
+        raise ValueError(
+            f"{spec.network.value}: guidance needs 2 x {sizes[BATCH]} embeddings (negatives then "
+            f"positives), got {sizes[CONTEXT_BATCH]}"
+        )
     return sizes
 
 

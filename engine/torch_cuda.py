@@ -7,9 +7,10 @@ asks for fp16 with an fp32 rerun on overflow. Every network runs through a
 :class:`~engine.cuda_graph.CudaGraphRunner` (static device buffers, pinned host staging, one private
 CUDA stream); the UNet's runner captures a ``torch.cuda.CUDAGraph`` per shape and replays it.
 
-Fused classifier-free guidance: :meth:`TorchCudaGraph.run_guided` runs a second module that takes B
-latents, 2B embeddings and the guidance scale and returns the guided noise, so the duplication of the
-latents and the guidance combine happen on the GPU and half as many latents cross the bus each step.
+Fused classifier-free guidance: the ``unet_cfg`` network is :class:`engine.torch_modules.GuidedUNet`
+around the same fp16 UNet (shared weights, its own captured graph): B latents, 2B embeddings and the
+guidance scale in, the guided noise out, so the duplication of the latents and the guidance combine
+happen on the GPU and half as many latents cross the bus each step.
 
 torch is imported inside functions: this module imports without it.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,15 @@ from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import (
-    BATCH,
     GraphSpec,
-    ModelDims,
     Network,
     Precision,
-    TensorSpec,
     check_inputs,
-    unet_spec,
 )
 
 log = logging.getLogger(__name__)
 
 TORCH_CUDA_HINT = "install a CUDA build of torch on a machine with an NVIDIA GPU and driver"
-CONTEXT_BATCH = "context_batch"  # fused CFG: the embeddings' batch, twice the latents'
 # Inputs that stay float32 inside an fp16 module: diffusers embeds the timestep in float32.
 FLOAT32_INPUTS = ("timestep",)
 
@@ -75,21 +71,6 @@ class TorchCudaOptions:
     timing: bool = False
 
 
-def fused_cfg_unet_spec(dims: ModelDims) -> GraphSpec:
-    """The fused-CFG UNet: B latents, B timesteps, 2B embeddings ([uncond; text]), a scale -> B noises."""
-    sample, timestep, context = unet_spec(dims).inputs
-    return GraphSpec(
-        Network.UNET,
-        inputs=(
-            sample,
-            timestep,
-            replace(context, dims=(CONTEXT_BATCH, *context.dims[1:])),
-            TensorSpec("guidance_scale", (1,), "float32"),
-        ),
-        outputs=(replace(unet_spec(dims).outputs[0], name="guided_noise"),),
-    )
-
-
 def cast_boundary(module: Any, dtype: Any, keep_float32: tuple[int, ...] = ()) -> Any:
     """module converted to dtype, taking and returning float32 (positions in keep_float32 stay float32)."""
     import torch
@@ -108,31 +89,6 @@ def cast_boundary(module: Any, dtype: Any, keep_float32: tuple[int, ...] = ()) -
             return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     return CastBoundary(module).eval()
-
-
-def fused_cfg(unet: Any) -> Any:
-    """Classifier-free guidance inside the module: the combine runs in float32 on the UNet's output."""
-    import torch
-
-    class FusedCfg(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.unet = inner
-
-        def forward(
-            self,
-            sample: torch.Tensor,
-            timestep: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            guidance_scale: torch.Tensor,
-        ) -> torch.Tensor:
-            noise = self.unet(
-                torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states
-            )
-            uncond, text = noise.float().chunk(2)
-            return uncond + guidance_scale.float() * (text - uncond)
-
-    return FusedCfg(unet).eval()
 
 
 @dataclass
@@ -230,27 +186,14 @@ class TorchCudaOps:
 
 
 class TorchCudaGraph:
-    """One network on the GPU behind the Graph interface; the UNet may also run with fused CFG."""
+    """One network on the GPU behind the Graph interface."""
 
-    def __init__(
-        self,
-        spec: GraphSpec,
-        module: Any,
-        options: TorchCudaOptions,
-        capture: bool,
-        fused: tuple[GraphSpec, Any] | None = None,
-    ) -> None:
+    def __init__(self, spec: GraphSpec, module: Any, options: TorchCudaOptions, capture: bool) -> None:
         self.spec = spec
         graph_tag = ":cuda-graph" if capture else ""
         self.providers = [f"torch:{options.device}:{options.precision.value}{graph_tag}"]
         self.ops = TorchCudaOps(module, spec, options.device, options.timing)
         self.runner = CudaGraphRunner(self.ops, options.warmup, enabled=capture)
-        self.fused_spec: GraphSpec | None = None
-        self.fused_runner: CudaGraphRunner | None = None
-        if fused is not None:
-            self.fused_spec = fused[0]
-            self.fused_ops = TorchCudaOps(fused[1], fused[0], options.device, options.timing)
-            self.fused_runner = CudaGraphRunner(self.fused_ops, options.warmup, enabled=capture)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check feeds against the spec, run (or replay), return float32 arrays the caller owns."""
@@ -258,37 +201,14 @@ class TorchCudaGraph:
         outputs = self.runner.run({name: feeds[name] for name in self.spec.input_names})
         return {name: np.array(outputs[name], copy=True) for name in self.spec.output_names}
 
-    def run_guided(
-        self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray, guidance_scale: float
-    ) -> np.ndarray:
-        """Guided noise for B latents from 2B embeddings ([negatives; positives]), as pipeline.guide()."""
-        if self.fused_runner is None or self.fused_spec is None:
-            raise EngineError(f"{self.spec.network.value}: fused guidance is only available on the UNet")
-        feeds = {
-            "sample": sample,
-            "timestep": timestep,
-            "encoder_hidden_states": context,
-            "guidance_scale": np.array([guidance_scale], dtype=np.float32),
-        }
-        sizes = check_inputs(self.fused_spec, feeds)
-        if sizes[CONTEXT_BATCH] != 2 * sizes[BATCH]:
-            raise ValueError(
-                f"fused guidance needs 2 x {sizes[BATCH]} embeddings (negatives then positives), "
-                f"got {sizes[CONTEXT_BATCH]}"
-            )
-        return np.array(self.fused_runner.run(feeds)["guided_noise"], copy=True)
-
     @property
     def device_ms(self) -> list[float]:
-        """Device time of every timed run (TorchCudaOptions.timing), plain and fused."""
-        fused = self.fused_ops.device_ms if self.fused_runner is not None else []
-        return [*self.ops.device_ms, *fused]
+        """Device time of every timed run (TorchCudaOptions.timing)."""
+        return self.ops.device_ms
 
     def reset(self) -> None:
-        """Free captured graphs and static buffers (they come back on the next run)."""
+        """Free the captured graph and static buffers (they come back on the next run)."""
         self.runner.reset()
-        if self.fused_runner is not None:
-            self.fused_runner.reset()
 
 
 def load_source(manifest: Manifest) -> Any:
@@ -333,15 +253,23 @@ def open_torch_cuda(manifest: Manifest, **options: Any) -> Callable[[Network], G
     import_cuda_torch()
     source = load_source(manifest)
     half = opts.precision is Precision.FP16
+    unets: dict[str, Any] = {}  # the unet and unet_cfg graphs share one module (and its weights)
+
+    def unet_module() -> Any:
+        if "unet" not in unets:
+            unets["unet"] = network_module(source, manifest.graphs[Network.UNET].spec, opts.device, half)
+        return unets["unet"]
 
     def load(network: Network) -> Graph:
         if network not in manifest.graphs:
             raise EngineFolderError(f"the engine folder has no {network.value} graph")
         spec = manifest.graphs[network].spec
         if network is Network.UNET:
-            module = network_module(source, spec, opts.device, half)
-            fused = (fused_cfg_unet_spec(manifest.dims), fused_cfg(module))
-            return TorchCudaGraph(spec, module, opts, opts.cuda_graph, fused)
+            return TorchCudaGraph(spec, unet_module(), opts, opts.cuda_graph)
+        if network is Network.UNET_CFG:
+            from engine.torch_modules import GuidedUNet
+
+            return TorchCudaGraph(spec, GuidedUNet(unet_module()).eval(), opts, opts.cuda_graph)
         if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
             fp32 = TorchCudaGraph(spec, network_module(source, spec, opts.device, False), opts, False)
             if not opts.vae_fp16:

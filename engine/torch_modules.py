@@ -96,11 +96,35 @@ class VaeEncoderWrapper(nn.Module):
         return posterior.mean, posterior.std
 
 
+class GuidedUNet(nn.Module):
+    """Classifier-free guidance around a UNet module, as diffusers combines the two halves.
+
+    Takes B latents and timesteps, 2B embeddings ([negatives; positives]) and a (1,) scale; runs the
+    UNet once on the doubled batch and returns uncond + scale * (text - uncond) in float32.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        guidance_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        noise = self.unet(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states)
+        uncond, text = noise.float().chunk(2)
+        return uncond + guidance_scale.float() * (text - uncond)
+
+
 def wrap(network: Network, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> nn.Module:
     """The wrapper module for one network, in eval mode."""
     wrappers = {
         Network.TEXT_ENCODER: lambda: TextEncoderWrapper(text_encoder),
         Network.UNET: lambda: UNetWrapper(unet),
+        Network.UNET_CFG: lambda: GuidedUNet(UNetWrapper(unet)),
         Network.VAE_DECODER: lambda: VaeDecoderWrapper(vae),
         Network.VAE_ENCODER: lambda: VaeEncoderWrapper(vae),
     }

@@ -228,8 +228,12 @@ class TrtOps:
         cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
         try:
             self._enqueue(buffers)
-        finally:
-            graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        except BaseException:  # end the capture (the stream is unusable inside one), keep the first error
+            error, partial = cudart.cudaStreamEndCapture(self.stream)
+            if int(error) == 0 and partial:
+                cudart.cudaGraphDestroy(partial)
+            raise
+        graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
         try:
             return graph, cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         except EngineError:
@@ -293,7 +297,9 @@ class TrtGraph:
         self._trt, self._cudart, self._engine, self._options = trt, cudart, engine, options
         self._dtypes = engine_io(trt, engine, spec, plan)
         self._ranges = profile_ranges(engine, spec)
-        self._stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        # Non-blocking: no implicit sync with the legacy default stream, which would break a capture.
+        flags = cudart.cudaStreamNonBlocking
+        self._stream = cuda_check(cudart.cudaStreamCreateWithFlags(flags), "cudaStreamCreateWithFlags")
         self._runners: dict[int, CudaGraphRunner] = {}
         self._contexts: dict[int, Any] = {}
 
@@ -314,12 +320,18 @@ class TrtGraph:
 
     def _runner(self, index: int) -> CudaGraphRunner:
         if index not in self._runners:
-            context = self._engine.create_execution_context()
+            # One context per profile; each allocates activation memory for its own profile only.
+            strategy = self._trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
+            context = self._engine.create_execution_context(strategy)
             if context is None:
                 raise EngineError(
                     f"TensorRT could not create an execution context for {self.plan.name} (GPU memory?)"
                 )
-            if not context.set_optimization_profile_async(index, int(self._stream)):
+            try:  # the Python bindings raise on failure where C++ returns false
+                accepted = context.set_optimization_profile_async(index, int(self._stream))
+            except RuntimeError:
+                accepted = False
+            if not accepted:
                 raise EngineError(f"TensorRT rejected optimization profile {index} of {self.plan.name}")
             opts = self._options
             ops = TrtOps(context, self.spec, self._dtypes, self._cudart, self._stream, opts.timing)

@@ -67,9 +67,15 @@ def test_static_profile_shapes_follow_the_specs() -> None:
     profile = ShapeProfile.static(1, 512, 768)
     assert profile.is_static and profile.label == "b1-768x512"
     unet = profile_shapes(SPECS[Network.UNET], profile, SD15)
-    assert unet == {
-        "sample": ((2, 4, 64, 96),) * 3,  # CFG: 2 x images
-        "timestep": ((2,),) * 3,
+    assert unet == {  # guidance off (the images) up to guidance with rescale (2 x images)
+        "sample": ((1, 4, 64, 96), (2, 4, 64, 96), (2, 4, 64, 96)),
+        "timestep": ((1,), (2,), (2,)),
+        "encoder_hidden_states": ((1, 77, 768), (2, 77, 768), (2, 77, 768)),
+    }
+    fused = profile_shapes(SPECS[Network.UNET_CFG], profile, SD15)
+    assert fused == {
+        "sample": ((1, 4, 64, 96),) * 3,
+        "timestep": ((1,),) * 3,
         "encoder_hidden_states": ((2, 77, 768),) * 3,
     }
     assert profile_shapes(SPECS[Network.VAE_DECODER], profile, SD15) == {"latent": ((1, 4, 64, 96),) * 3}
@@ -106,7 +112,9 @@ def test_profile_shapes_satisfy_the_spec(network: Network, kind: ProfileKind) ->
         shapes = profile_shapes(spec, profile, SD15)
         assert set(shapes) == {t.name for t in spec.inputs if t.symbols()}
         for i in range(3):
-            feeds = {t.name: np.zeros(shapes[t.name][i], dtype=t.dtype) for t in spec.inputs}
+            feeds = {
+                t.name: np.zeros(shapes.get(t.name, (t.dims,) * 3)[i], dtype=t.dtype) for t in spec.inputs
+            }
             check_inputs(spec, feeds)
 
 
@@ -117,11 +125,22 @@ def test_static_profiles_cover_every_batch_and_size() -> None:
 
 
 def test_unet_batch_is_twice_the_images() -> None:
-    assert network_batch(Network.UNET, ShapeProfile.static(3, 64, 64)) == (6, 6, 6)
+    # the plain UNet covers guidance off (the images) up to guidance with rescale (twice them)
+    assert network_batch(Network.UNET, ShapeProfile.static(3, 64, 64)) == (3, 6, 6)
     dynamic = ShapeProfile((1, 2, 4), (64,) * 3, (64,) * 3)
     assert network_batch(Network.UNET, dynamic) == (1, 4, 8)  # down to guidance off
     assert network_batch(Network.TEXT_ENCODER, dynamic) == (1, 2, 4)
     assert network_batch(Network.VAE_DECODER, dynamic) == (1, 2, 4)
+    assert network_batch(Network.UNET_CFG, dynamic) == (1, 2, 4)  # its embeddings: twice that
+
+
+def test_fused_guidance_profile_doubles_only_the_embeddings() -> None:
+    profile = ShapeProfile.static(3, 512, 768)
+    shapes = profile_shapes(SPECS[Network.UNET_CFG], profile, SD15)
+    assert shapes["sample"] == ((3, 4, 64, 96),) * 3
+    assert shapes["timestep"] == ((3,),) * 3
+    assert shapes["encoder_hidden_states"] == ((6, 77, 768),) * 3
+    assert "guidance_scale" not in shapes  # fixed (1,): nothing for a profile to range over
 
 
 @pytest.mark.parametrize(
@@ -151,7 +170,14 @@ def test_parity_points() -> None:
     static = ShapeProfile.static(1, 512, 512)
     dynamic = ShapeProfile((1, 1, 2), (256, 512, 512), (256, 512, 512))
     points = parity_points(SPECS[Network.UNET], [static, dynamic], SD15)
-    assert [(i, s["batch"], s["latent_height"]) for i, s in points] == [(0, 2, 64), (1, 2, 64), (1, 1, 32)]
+    assert [(i, s["batch"], s["latent_height"]) for i, s in points] == [
+        (0, 2, 64),  # opt: guidance on
+        (0, 1, 64),  # min: guidance off
+        (1, 2, 64),
+        (1, 1, 32),
+    ]
+    fused = parity_points(SPECS[Network.UNET_CFG], [static], SD15)
+    assert [(i, s["batch"], s["context_batch"]) for i, s in fused] == [(0, 1, 2)]
 
 
 # -- cache keys and sidecars -------------------------------------------------------------------
@@ -309,7 +335,8 @@ def _manifest(
 
 
 def test_plan_targets_fp16_except_the_vae() -> None:
-    targets = plan_targets(_manifest(), BuildSettings())
+    plain = tuple(n for n in Network if n is not Network.UNET_CFG)
+    targets = plan_targets(_manifest(networks=plain), BuildSettings())
     assert [(t.name, t.strongly_typed) for t in targets] == [
         ("text_encoder-fp16", False),
         ("unet-fp16", False),
@@ -319,7 +346,7 @@ def test_plan_targets_fp16_except_the_vae() -> None:
     guarded = plan_targets(_manifest(Precision.FP16), BuildSettings(vae_precision=VaePrecision.FP16_GUARDED))
     assert [(t.name, t.strongly_typed) for t in guarded] == [
         ("text_encoder-fp16", True),  # the ONNX is already fp16 inside: TensorRT keeps its types
-        ("unet-fp16", True),
+        ("unet_cfg-fp16", True),  # the fused-guidance UNet replaces the plain one by default
         ("vae_decoder-fp16", False),
         ("vae_decoder-fp32", False),
         ("vae_encoder-fp16", False),
@@ -327,6 +354,8 @@ def test_plan_targets_fp16_except_the_vae() -> None:
     ]
     with pytest.raises(EngineFolderError, match="vae_encoder"):
         plan_targets(_manifest(networks=(Network.UNET,)), BuildSettings(networks=(Network.VAE_ENCODER,)))
+    both = plan_targets(_manifest(), BuildSettings(networks=(Network.UNET, Network.UNET_CFG)))
+    assert [t.name for t in both] == ["unet-fp16", "unet_cfg-fp16"]
 
 
 def test_plan_index_skips_failed_plans_and_pairs_the_guarded_vae(tmp_path: Path) -> None:
@@ -334,7 +363,7 @@ def test_plan_index_skips_failed_plans_and_pairs_the_guarded_vae(tmp_path: Path)
     passed = {t.name: True for t in targets} | {"text_encoder-fp16": False, "vae_encoder-fp16": False}
     index = plan_index(targets, passed)["networks"]
     assert "text_encoder" not in index
-    assert index["unet"] == {"plan": "unet-fp16.plan", "fallback": None}
+    assert index["unet_cfg"] == {"plan": "unet_cfg-fp16.plan", "fallback": None}
     assert index["vae_decoder"] == {"plan": "vae_decoder-fp16.plan", "fallback": "vae_decoder-fp32.plan"}
     assert index["vae_encoder"] == {"plan": "vae_encoder-fp32.plan", "fallback": None}
     (tmp_path / PLAN_DIR).mkdir()

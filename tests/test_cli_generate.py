@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -149,6 +150,14 @@ BAD_INPUTS = {
         ["{engine}", "p", "-o", "{tmp}/missing/out.png"],
         ["output folder does not exist"],
     ),
+    "cuda graph on the cpu": (
+        ["{engine}", "p", "--cuda-graph", "on"],
+        ["CUDAExecutionProvider", "onnxruntime-gpu"],
+    ),
+    "cuda graph with torch": (
+        ["{engine}", "p", "--backend", "torch", "--cuda-graph", "on"],
+        ["--cuda-graph"],
+    ),
 }
 
 
@@ -170,6 +179,18 @@ def test_bad_input_is_one_line_error_and_writes_nothing(
         assert needle in lines[0], lines[0]
     assert _pngs(tmp_path) == ["init.png", "notes.png"]
     assert not (tmp_path / "missing").exists()
+
+
+def test_fused_guidance_can_be_turned_off(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    args = ["a red apple", "--steps", "3", "--size", "64x48", "--seed", "7"]
+    assert _generate(capsys, str(tiny_engine), *args, "-o", str(tmp_path / "fused.png"))[0] == 0
+    assert (
+        _generate(capsys, str(tiny_engine), *args, "--fused-cfg", "off", "-o", str(tmp_path / "host.png"))[0]
+        == 0
+    )
+    with Image.open(tmp_path / "fused.png") as fused, Image.open(tmp_path / "host.png") as host:
+        diff = np.abs(np.asarray(fused, np.int16) - np.asarray(host, np.int16))
+    assert diff.max() <= 1  # the same image, to float rounding
 
 
 def test_bad_size_format_is_an_argparse_error(capsys, tiny_engine: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 from engine.cuda_graph import CudaGraphRunner, GuardedGraph, shape_key
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest, read_manifest
-from engine.specs import GraphSpec, ModelDims, Network, graph_specs, unet_spec
+from engine.specs import GraphSpec, ModelDims, Network, TensorSpec, graph_specs, unet_spec
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -54,8 +54,15 @@ class RecordingOps:
     as a CUDA graph is bound to device addresses, so a runner that reallocated without dropping its
     graph would replay on freed buffers and fail here."""
 
-    def __init__(self) -> None:
+    spec = GraphSpec(
+        Network.UNET,
+        inputs=(TensorSpec("x", ("rows", 3), "float32"), TensorSpec("b", (3,), "float32")),
+        outputs=(TensorSpec("y", ("rows", 3), "float32"),),
+    )
+
+    def __init__(self, capture_error: Exception | None = None) -> None:
         self.calls: list[str] = []
+        self.capture_error = capture_error
 
     def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         self.calls.append("allocate")
@@ -79,6 +86,8 @@ class RecordingOps:
 
     def capture(self, buffers: dict[str, Any]) -> dict[str, Any]:
         self.calls.append("capture")
+        if self.capture_error is not None:
+            raise self.capture_error
         return {"buffers": buffers, "alive": True}
 
     def replay(self, graph: dict[str, Any]) -> None:
@@ -184,6 +193,18 @@ def test_disabled_runner_only_launches() -> None:
     for _ in range(3):
         runner.run(_feeds(rng))
     assert ops.calls == ["allocate", "launch", "launch", "launch"]
+
+
+def test_a_network_that_cannot_be_captured_warns_once_and_launches() -> None:
+    rng = np.random.default_rng(9)
+    ops = RecordingOps(capture_error=RuntimeError("operation not permitted when stream is capturing"))
+    runner = CudaGraphRunner(ops, warmup=1)
+    with pytest.warns(RuntimeWarning, match="unet: CUDA graph capture failed .*not permitted"):
+        for _ in range(4):
+            feeds = _feeds(rng)
+            np.testing.assert_array_equal(runner.run(feeds)["y"], 2 * feeds["x"] + feeds["b"])
+    assert ops.calls == ["allocate", "launch", "capture", "launch", "launch", "launch"]
+    assert not runner.enabled and not runner.captured
 
 
 def test_warmup_is_required() -> None:
@@ -336,8 +357,8 @@ def test_fused_guidance_matches_the_pipeline(tiny_model: Path) -> None:
     from engine.model_folder import inspect_model_folder
     from engine.pipeline import guide
     from engine.request import make_request
-    from engine.torch_cuda import fused_cfg, fused_cfg_unet_spec
-    from engine.torch_modules import load_source_model
+    from engine.specs import unet_cfg_spec
+    from engine.torch_modules import GuidedUNet, load_source_model
 
     source = load_source_model(inspect_model_folder(tiny_model))
     unet = source.wrapper(Network.UNET)
@@ -353,11 +374,11 @@ def test_fused_guidance_matches_the_pipeline(tiny_model: Path) -> None:
         )
         expected = guide(both.numpy(), request)
         scale = torch.tensor([6.5])
-        fused = fused_cfg(unet)(
+        fused = GuidedUNet(unet)(
             torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(context), scale
         )
     np.testing.assert_allclose(fused.numpy(), expected, rtol=1e-5, atol=1e-5)
-    spec = fused_cfg_unet_spec(ModelDims(text_hidden_size=hidden))
+    spec = unet_cfg_spec(ModelDims(text_hidden_size=hidden))
     assert spec.input_names == ["sample", "timestep", "encoder_hidden_states", "guidance_scale"]
     assert spec.output_names == ["guided_noise"]
 
@@ -449,7 +470,9 @@ def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_engine: Path) -> N
     from engine.torch_cuda import open_torch_cuda
 
     manifest = read_manifest(tiny_engine)
-    unet = open_torch_cuda(manifest, warmup=1)(Network.UNET)
+    load = open_torch_cuda(manifest, warmup=1)
+    unet, fused_unet = load(Network.UNET), load(Network.UNET_CFG)
+    assert fused_unet.ops.module.unet is unet.ops.module  # one set of fp16 weights
     rng = np.random.default_rng(7)
     hidden = manifest.dims.text_hidden_size
     for _ in range(3):
@@ -461,11 +484,21 @@ def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_engine: Path) -> N
             "encoder_hidden_states": context,
         })["noise_pred"]  # fmt: skip
         expected = guide(both, make_request("a", guidance_scale=7.5))
-        fused = unet.run_guided(feeds["sample"], feeds["timestep"], context, 7.5)
+        fused = fused_unet.run({
+            "sample": feeds["sample"],
+            "timestep": feeds["timestep"],
+            "encoder_hidden_states": context,
+            "guidance_scale": np.array([7.5], np.float32),
+        })["guided_noise"]  # fmt: skip
         assert _rel(fused, expected) < 1e-3
-    assert unet.fused_runner.stats.replays == 2
+    assert fused_unet.runner.stats.replays == 2
     with pytest.raises(ValueError, match="2 x 1 embeddings"):
-        unet.run_guided(feeds["sample"], feeds["timestep"], context[:1], 7.5)
+        fused_unet.run({
+            "sample": feeds["sample"],
+            "timestep": feeds["timestep"],
+            "encoder_hidden_states": context[:1],
+            "guidance_scale": np.array([7.5], np.float32),
+        })  # fmt: skip
 
 
 def _psnr(a: Any, b: Any) -> float:
@@ -498,7 +531,7 @@ def test_torch_cuda_pipeline_matches_onnxruntime(tiny_engine: Path, options: dic
     for _ in range(2):  # the second run replays the captured UNet graph from its first step
         image = pipe.generate("a lighthouse", **SETTINGS).images[0]
         assert _psnr(image, reference) >= min_psnr
-    assert pipe.graph(Network.UNET).runner.stats.replays >= SETTINGS["steps"]
+    assert pipe.graph(Network.UNET_CFG).runner.stats.replays >= SETTINGS["steps"]  # fused guidance
 
 
 # -- TensorRT -----------------------------------------------------------------------------------
@@ -520,7 +553,7 @@ def trt_engine(trt_env: Any, tiny_engine: Path, tmp_path_factory: pytest.TempPat
     from engine.build_trt import build_engine
 
     engine_dir = Path(shutil.copytree(tiny_engine, tmp_path_factory.mktemp("trt") / "engine"))
-    build_engine(engine_dir, _trt_settings())
+    build_engine(engine_dir, _trt_settings(networks=tuple(Network)))  # both UNets: fused and plain
     return engine_dir
 
 
@@ -540,6 +573,7 @@ def test_build_writes_index_sidecars_and_manifest_parity(trt_engine: Path) -> No
 
     index = json.loads((trt_engine / PLAN_DIR / INDEX_NAME).read_text())["networks"]
     assert index["unet"] == {"plan": "unet-fp16.plan", "fallback": None}
+    assert index["unet_cfg"] == {"plan": "unet_cfg-fp16.plan", "fallback": None}
     assert index["vae_decoder"]["plan"] == "vae_decoder-fp32.plan"
     manifest = read_manifest(trt_engine)
     for network, entry in manifest.graphs.items():
@@ -610,6 +644,9 @@ def test_trt_pipeline_matches_onnxruntime(trt_engine: Path) -> None:
     from engine.trt_backend import open_tensorrt
 
     manifest = read_manifest(trt_engine)
-    pipe = Pipeline(trt_engine, manifest, open_tensorrt(trt_engine, manifest))
-    image = pipe.generate("a lighthouse", **SETTINGS).images[0]
-    assert _psnr(image, _reference_image(trt_engine, **SETTINGS)) >= 22.0
+    reference = _reference_image(trt_engine, **SETTINGS)
+    for fused in (True, False):
+        pipe = Pipeline(trt_engine, manifest, open_tensorrt(trt_engine, manifest), fused_cfg=fused)
+        image = pipe.generate("a lighthouse", **SETTINGS).images[0]
+        assert _psnr(image, reference) >= 22.0
+        assert (Network.UNET_CFG in pipe._graphs) is fused
