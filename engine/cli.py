@@ -13,7 +13,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -72,12 +72,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     _say(f"exported {len(result.manifest.graphs)} graphs to {result.engine_dir} in {elapsed:.1f} s")
     for network, entry in result.manifest.graphs.items():
-        parity = entry.parity
-        _say(
-            f"  {network.value:13s} {entry.precision.value}  rel L2 {parity['worst_rel_l2']:.2e}  "
-            f"max abs {parity['worst_max_abs']:.2e}  min PSNR {parity['min_psnr_db']:.1f} dB"
-        )
+        _say(f"  {network.value:13s} {entry.precision.value}  {parity_line(entry.parity)}")
+        if entry.onnxruntime is not None:
+            variant = entry.onnxruntime
+            _say(f"    {variant.file} ({variant.rewrite})  {parity_line(variant.parity)}")
     return 0
+
+
+def parity_line(parity: Mapping[str, Any]) -> str:
+    return (
+        f"rel L2 {parity['worst_rel_l2']:.2e}  max abs {parity['worst_max_abs']:.2e}  "
+        f"min PSNR {parity['min_psnr_db']:.1f} dB"
+    )
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ when every graph passed, so an interrupted export never leaves a folder that loo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -21,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from engine.attention_fusion import write_fused
 from engine.cfg_graph import derive_cfg_graph
 from engine.errors import EngineError, ParityError
 from engine.fsutil import staged_folder
-from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, write_manifest
+from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_manifest
 from engine.model_folder import ModelFolder, inspect_model_folder
 from engine.specs import (
     GraphSpec,
@@ -45,6 +47,8 @@ PARITY_THRESHOLDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2}
 # (batch, latent height, latent width, text sequence) to trace at: no axis of size 1 anywhere in
 # the UNet, since the tracer would specialize it.
 TRACE_SHAPE = (2, 24, 16, 77)
+# Graphs that get an ONNX Runtime variant with attention fused (their weights live in a shared file).
+ATTENTION_FUSED = (Network.UNET, Network.UNET_CFG)
 # Parity shapes: the second has latent sides that are not multiples of 8 and a 2-chunk text.
 PARITY_SHAPES = ((2, 8, 8, 77), (1, 9, 7, 154))
 
@@ -150,6 +154,8 @@ def _export_into(
             graphs[network] = convert_network(
                 network, module, specs[network], out, settings, dims, vocab_size
             )
+        if network in ATTENTION_FUSED:
+            graphs[network] = with_fused_attention(graphs[network], module, out, settings, dims, vocab_size)
         seconds[network.value] = time.perf_counter() - start
         parity = graphs[network].parity
         progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
@@ -174,6 +180,32 @@ def build_manifest(folder: ModelFolder, dims: ModelDims, graphs: dict[Network, G
             "weights": {name: str(w.path.absolute()) for name, w in folder.weights.items()},
         },
     )
+
+
+def with_fused_attention(
+    entry: GraphEntry,
+    module: Any,
+    out: Path,
+    settings: ExportSettings,
+    dims: ModelDims,
+    vocab_size: int,
+) -> GraphEntry:
+    """The entry plus its ONNX Runtime variant (attention fused), when the graph has attention to fuse."""
+    path = out / entry.file
+    target = path.with_name(f"{path.stem}.ort.onnx")
+    count = write_fused(path, target)
+    if not count:
+        return entry
+    precision = settings.precision_of(entry.spec.network)
+    parity = parity_gate(module, entry.spec, target, dims, vocab_size, settings.threshold(precision))
+    external = [out / entry.external_data] if entry.external_data else []
+    variant = Variant(
+        file=target.name,
+        sha256=hash_files([target, *external]),
+        rewrite=f"{count} attentions -> com.microsoft.MultiHeadAttention",
+        parity=parity,
+    )
+    return dataclasses.replace(entry, onnxruntime=variant)
 
 
 def convert_network(

@@ -21,8 +21,36 @@ TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A rewrite of a graph for one runtime (same interface, same weights file), parity-gated itself."""
+
+    file: str
+    sha256: str
+    rewrite: str  # what changed, e.g. "32 attentions -> com.microsoft.MultiHeadAttention"
+    parity: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "sha256": self.sha256,
+            "rewrite": self.rewrite,
+            "parity": dict(self.parity),
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Variant:
+        return Variant(
+            str(data["file"]), str(data["sha256"]), str(data["rewrite"]), dict(data.get("parity", {}))
+        )
+
+
+@dataclass(frozen=True)
 class GraphEntry:
-    """One exported network: its files, interface, precision and parity numbers."""
+    """One exported network: its files, interface, precision and parity numbers.
+
+    onnxruntime: the graph ONNX Runtime runs instead of ``file`` when present (attention fused into
+    its contrib op, which TensorRT cannot parse: TensorRT builds from ``file``).
+    """
 
     file: str
     sha256: str
@@ -31,9 +59,11 @@ class GraphEntry:
     external_data: str | None = None
     parity: Mapping[str, Any] = field(default_factory=dict)
     exporter: Mapping[str, str] = field(default_factory=dict)
+    onnxruntime: Variant | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "onnxruntime": self.onnxruntime.to_json() if self.onnxruntime else None,
             "file": self.file,
             "sha256": self.sha256,
             "external_data": self.external_data,
@@ -53,6 +83,7 @@ class GraphEntry:
             external_data=data.get("external_data"),
             parity=dict(data.get("parity", {})),
             exporter=dict(data.get("exporter", {})),
+            onnxruntime=Variant.from_json(data["onnxruntime"]) if data.get("onnxruntime") else None,
         )
 
 
@@ -141,6 +172,7 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as error:
         raise EngineFolderError(f"corrupt {path}: bad or missing field {error}") from None
     for entry in manifest.graphs.values():
-        if not (root / entry.file).is_file():
-            raise EngineFolderError(f"engine folder {root} is missing {entry.file}")
+        for file in (entry.file, entry.onnxruntime.file if entry.onnxruntime else entry.file):
+            if not (root / file).is_file():
+                raise EngineFolderError(f"engine folder {root} is missing {file}")
     return manifest

@@ -79,8 +79,9 @@ def open_graphs(
 
         def load(network: Network) -> Graph:
             entry = manifest.graphs[network]
+            chosen = entry.onnxruntime if entry.onnxruntime and ort.options.fused_attention else entry
             return ort.load(
-                engine_dir / entry.file, entry.spec, cache_dir=cache_dir, content_hash=entry.sha256
+                engine_dir / chosen.file, entry.spec, cache_dir=cache_dir, content_hash=chosen.sha256
             )
 
         return load

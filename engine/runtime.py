@@ -112,6 +112,8 @@ class OrtOptions:
     cuda_graph: ONNX Runtime's CUDA graph (CUDA provider and io_binding only; provider None then means
         CUDA): one graph captured per input shape, kept while the graph is loaded.
     device_id: the CUDA device (the CPU provider has only device 0).
+    fused_attention: run a graph's ONNX Runtime variant (attention fused into MultiHeadAttention)
+        where the engine folder has one; False runs the standard graph TensorRT builds from.
     """
 
     provider: Provider | None = None
@@ -121,6 +123,7 @@ class OrtOptions:
     io_binding: bool | None = None
     cuda_graph: bool = False
     device_id: int = 0
+    fused_attention: bool = True
 
 
 class Graph(Protocol):
