@@ -8,9 +8,9 @@
 # 2. makes the sd15 random-weight model and its ONNX engine folder (cached in $SD_ENGINE_GPU_WORK);
 # 3. builds the TensorRT plans when tensorrt is importable (static profile, 512x512, batch 1);
 # 4. runs the GPU and TensorRT tests (pytest -m "gpu or tensorrt");
-# 5. runs benchmarks/gpu_bench.py: torch-CUDA with and without CUDA graphs (and fused CFG), TensorRT
-#    when built, against diffusers fp16 eager, 512x512, 50 steps, CFG 7.5, batch 1, with PSNR against
-#    an fp32 CPU reference image.
+# 5. runs benchmarks/gpu_bench.py: torch-CUDA, ONNX Runtime CUDA (with onnxruntime-gpu) and TensorRT
+#    (when built), each with and without CUDA graphs and fused guidance, against diffusers fp16 eager,
+#    512x512, 50 steps, CFG 7.5, batch 1, with PSNR against an fp32 CPU reference image.
 # Everything (log, nvidia-smi, pip freeze, build log, pytest report, results.json/.md, images) lands in
 # RESULTS_DIR, default benchmarks/results/gpu-<gpu>-<date>. The script exits non-zero if the tests
 # failed, after writing everything.
@@ -57,8 +57,12 @@ echo "== dependencies"
 for module in diffusers transformers onnx onnxruntime polygraphy; do
     has "$module" || { echo "gpu.sh: $module is missing: pip install -e '.[export,dev]'" >&2; exit 2; }
 done
-try_install tensorrt "tensorrt>=10"
-has cuda.bindings || has cuda.cudart || try_install cuda "cuda-python>=12"
+try_install tensorrt "tensorrt>=10,<11"
+has cuda.bindings || has cuda.cudart || try_install cuda "cuda-python>=12.6,<13"
+if ! "$PYTHON" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+    echo "onnxruntime has no CUDA provider: the ONNX Runtime CUDA tests and contenders will skip" \
+        "(pip uninstall onnxruntime && pip install onnxruntime-gpu to include them)"
+fi
 "$PYTHON" -m pip freeze >"$OUT/pip-freeze.txt" 2>/dev/null
 
 MODEL=$WORK/sd15-model
@@ -69,14 +73,17 @@ echo "== model and engine folder in $WORK"
 
 if has tensorrt && { has cuda.bindings || has cuda.cudart; }; then
     echo "== TensorRT plans"
+    # both UNets: the benchmark compares guidance on the host (unet) with fused guidance (unet_cfg)
     "$PYTHON" -m engine.build_trt "$ENGINE" --profile static --size 512x512 --batch 1 \
+        --networks text_encoder unet unet_cfg vae_decoder \
         --timing-cache "$WORK/timing.cache" 2>&1 | tee "$OUT/build.txt"
 else
     echo "== TensorRT plans: skipped (tensorrt or cuda-python missing)" | tee "$OUT/build.txt"
 fi
 
 echo "== GPU tests"
-"$PYTHON" -m pytest tests/test_gpu.py tests/test_build_trt.py -m "gpu or tensorrt" -ra -p no:cacheprovider \
+"$PYTHON" -m pytest tests/test_gpu.py tests/test_build_trt.py tests/test_ort_iobinding.py -m "gpu or tensorrt" \
+    -ra -p no:cacheprovider \
     --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.txt"
 TESTS=${PIPESTATUS[0]}
 
