@@ -30,7 +30,8 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 DEFAULT_SIZE = (512, 512)
 DEFAULT_ENGINE_SIZE = (64, 64)  # the built-in tiny engine: small images, fast
-BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt", "openvino")
+CPU_BACKENDS = ("torch", "openvino")
 SWITCH = {"auto": None, "on": True, "off": False}
 BAR_WIDTH = 30
 RANDOM_SEED_LIMIT = 2**31  # random seeds stay far from the 2**32 - 1 limit, whatever the batch
@@ -223,8 +224,8 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     wanted = SWITCH[args.cuda_graph]
     if wanted is None:
         return {}
-    if args.backend == "torch":
-        raise EngineError("--cuda-graph: the torch backend runs on the CPU; use --backend torch-cuda")
+    if args.backend in CPU_BACKENDS:
+        raise EngineError(f"--cuda-graph: the {args.backend} backend runs on the CPU; use a GPU backend")
     return {"cuda_graph": wanted}
 
 

@@ -162,6 +162,7 @@ def build_config(args: argparse.Namespace) -> Any:
         BenchConfig,
         Device,
         Workload,
+        check_device,
         check_installed,
         check_sampler,
         parse_contenders,
@@ -175,6 +176,7 @@ def build_config(args: argparse.Namespace) -> Any:
     check_numbers(args)
     check_sampler(args.sampler, contenders)
     check_installed(contenders)
+    check_device(contenders, Device(args.device))
     prompts = load_prompts(args.prompts)
     choice = ModelChoice(args.model, args.preset, args.engine)
     check_choice(choice, contenders)

@@ -24,6 +24,7 @@ class Contender(str, Enum):
     ONNXRUNTIME = "onnxruntime"
     TORCH = "torch"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
     @property
     def label(self) -> str:
@@ -44,12 +45,14 @@ _LABELS = {
     Contender.ONNXRUNTIME: "sd-engine (ONNX Runtime)",
     Contender.TORCH: "sd-engine (torch)",
     Contender.TENSORRT: "sd-engine (TensorRT)",
+    Contender.OPENVINO: "sd-engine (OpenVINO bf16)",
 }
 _NEEDS = {
     Contender.DIFFUSERS: ("torch", "diffusers", "transformers"),
     Contender.ONNXRUNTIME: ("onnxruntime",),
     Contender.TORCH: ("torch", "diffusers", "transformers"),
     Contender.TENSORRT: ("tensorrt",),
+    Contender.OPENVINO: ("openvino",),
 }
 
 
@@ -186,6 +189,14 @@ def check_installed(contenders: tuple[Contender, ...]) -> None:
                 f"contender {contender.value!r} needs {', '.join(missing)}, which is not installed"
                 + (' (pip install "sd-engine[export]")' if "torch" in missing else "")
             )
+
+
+def check_device(contenders: tuple[Contender, ...], device: Device) -> None:
+    """CPU-only contenders cannot take part in a GPU benchmark."""
+    if device is Device.CUDA and Contender.OPENVINO in contenders:
+        raise ValueError(
+            "contender 'openvino' runs on the CPU; drop it from --contenders or use --device cpu"
+        )
 
 
 def _valid(enum: type[Enum]) -> str:
