@@ -28,6 +28,7 @@ import numpy as np
 
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
+from engine.options import parse_backend_options
 from engine.runtime import Graph
 from engine.specs import GraphSpec, Network, check_inputs
 
@@ -58,21 +59,6 @@ def import_openvino() -> Any:
     except ImportError:
         raise MissingDependencyError(f"the openvino backend needs OpenVINO: {OPENVINO_HINT}") from None
     return openvino
-
-
-def parse_options(options: Mapping[str, Any]) -> OpenVinoOptions:
-    try:
-        fields = dict(options)
-        if "precision" in fields:
-            fields["precision"] = OvPrecision(fields["precision"])
-        return OpenVinoOptions(**fields)
-    except (TypeError, ValueError) as error:
-        valid = ", ".join(OpenVinoOptions.__dataclass_fields__)
-        precisions = ", ".join(p.value for p in OvPrecision)
-        raise EngineError(
-            f"bad openvino backend options {dict(options)} ({error}); valid: {valid}; "
-            f"precisions: {precisions}"
-        ) from None
 
 
 def check_precision(core: Any, precision: OvPrecision) -> None:
@@ -136,7 +122,7 @@ def check_interface(compiled: Any, spec: GraphSpec, path: Path) -> None:
 
 def open_openvino(engine_dir: Path, manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
     """A loader of the engine folder's standard ONNX graphs compiled by OpenVINO for the CPU."""
-    opts = parse_options(options)
+    opts = parse_backend_options(OpenVinoOptions, options, "openvino")
     ov = import_openvino()
     core = ov.Core()
     check_precision(core, opts.precision)

@@ -73,9 +73,10 @@ def open_graphs(
 ) -> Callable[[Network], Graph]:
     """A loader for one network's graph on the chosen backend."""
     if backend is BackendName.ONNXRUNTIME:
-        from engine.runtime import OnnxRuntimeBackend
+        from engine.options import parse_backend_options
+        from engine.runtime import OnnxRuntimeBackend, OrtOptions
 
-        ort = OnnxRuntimeBackend(ort_options(options))
+        ort = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
         cache_dir = engine_dir / ".cache" / "onnxruntime"
 
         def load(network: Network) -> Graph:
@@ -101,24 +102,6 @@ def open_graphs(
     from engine.trt_backend import open_tensorrt
 
     return open_tensorrt(engine_dir, manifest, **options)
-
-
-def ort_options(options: Mapping[str, Any]) -> Any:
-    """OrtOptions from keyword options; the provider may be given by name ("CUDAExecutionProvider")."""
-    from engine.runtime import OrtOptions, Provider
-
-    try:
-        fields = dict(options)
-        if fields.get("provider") is not None:
-            fields["provider"] = Provider(fields["provider"])
-        return OrtOptions(**fields)
-    except (TypeError, ValueError) as error:
-        valid = ", ".join(OrtOptions.__dataclass_fields__)
-        providers = ", ".join(p.value for p in Provider)
-        raise EngineError(
-            f"bad onnxruntime backend options {dict(options)} ({error}); valid: {valid}; "
-            f"providers: {providers}"
-        ) from None
 
 
 class Pipeline:

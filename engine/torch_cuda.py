@@ -17,7 +17,6 @@ torch is imported inside functions: this module imports without it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from engine.cuda_graph import CudaGraphRunner, GuardedGraph
-from engine.errors import EngineError, EngineFolderError, MissingDependencyError
+from engine.errors import EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
+from engine.options import parse_backend_options
 from engine.runtime import Graph
 from engine.specs import (
     GraphSpec,
@@ -242,14 +242,7 @@ def network_module(source: Any, spec: GraphSpec, device: str, fp16: bool) -> Any
 
 def open_torch_cuda(manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
     """A loader of the manifest's source networks on the GPU (options: see :class:`TorchCudaOptions`)."""
-    try:
-        opts = TorchCudaOptions(**options)
-        opts = dataclasses.replace(opts, precision=Precision(opts.precision))
-    except (TypeError, ValueError) as error:
-        valid = ", ".join(TorchCudaOptions.__dataclass_fields__)
-        raise EngineError(
-            f"bad torch-cuda backend options {sorted(options)} ({error}); valid: {valid}"
-        ) from None
+    opts = parse_backend_options(TorchCudaOptions, options, "torch-cuda")
     import_cuda_torch()
     source = load_source(manifest)
     half = opts.precision is Precision.FP16

@@ -42,6 +42,7 @@ from engine.build_trt import (
 from engine.cuda_graph import CudaGraphRunner, GuardedGraph
 from engine.errors import EngineError, EngineFolderError
 from engine.manifest import Manifest
+from engine.options import parse_backend_options
 from engine.runtime import Graph
 from engine.specs import GraphSpec, Network, check_inputs
 
@@ -358,11 +359,7 @@ class TrtGraph:
 
 def open_tensorrt(engine_dir: Path, manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
     """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
-    try:
-        opts = TrtOptions(**options)
-    except TypeError:
-        valid = ", ".join(TrtOptions.__dataclass_fields__)
-        raise EngineError(f"unknown tensorrt backend option(s) {sorted(options)}; valid: {valid}") from None
+    opts = parse_backend_options(TrtOptions, options, "tensorrt")
     trt, cudart, gpu = check_environment(opts.device)
     root = Path(engine_dir)
     index = read_plan_index(root)

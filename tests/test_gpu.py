@@ -328,7 +328,7 @@ def test_backend_options_are_checked() -> None:
     from engine.torch_cuda import open_torch_cuda
     from engine.trt_backend import open_tensorrt
 
-    with pytest.raises(EngineError, match=r"unknown tensorrt backend option.*cuda_graph"):
+    with pytest.raises(EngineError, match=r"bad tensorrt backend options .*valid: cuda_graph"):
         open_tensorrt(Path("."), _manifest(), cuda_graphs=True)
     with pytest.raises(EngineError, match="bad torch-cuda backend options"):
         open_torch_cuda(_manifest(), graphs=True)

@@ -45,9 +45,7 @@ def reference(tiny_engine: Path) -> list:
     return Pipeline.load(tiny_engine).generate(["a red fox", "a boat"], "blurry", **SETTINGS).images
 
 
-@pytest.mark.parametrize(
-    ("precision", "limit"), [("f32", 1e-4), pytest.param("bf16", 0.1, marks=needs_bf16)]
-)
+@pytest.mark.parametrize(("precision", "limit"), [("f32", 1e-4), pytest.param("bf16", 0.1, marks=needs_bf16)])
 def test_every_graph_matches_onnxruntime(tiny_engine: Path, precision: str, limit: float) -> None:
     from engine.openvino_backend import open_openvino
 
@@ -78,7 +76,7 @@ def test_images_match_the_fp32_pipeline(
 
 
 def test_bad_options_are_one_line_errors(tiny_engine: Path) -> None:
-    with pytest.raises(EngineError, match=r"bad openvino backend options .*precisions: bf16, f32"):
+    with pytest.raises(EngineError, match=r"bad openvino backend options .*precision: bf16, f32"):
         Pipeline.load(tiny_engine, "openvino", precision="int4")
     with pytest.raises(EngineError, match=r"bad openvino backend options .*valid: precision, threads, cache"):
         Pipeline.load(tiny_engine, "openvino", provider="CPUExecutionProvider")
