@@ -166,10 +166,8 @@ def fuse_attention(model: Any) -> int:
     found = list(attentions(graph))
     if not found:
         return 0
-    replaced = {a.output for a in found}
-    kept = [node for node in graph.node if not (set(node.output) & replaced)]
-    fused = [
-        helper.make_node(
+    fused = {
+        a.output: helper.make_node(
             "MultiHeadAttention",
             [a.query, a.key, a.value],
             [a.output],
@@ -179,29 +177,16 @@ def fuse_attention(model: Any) -> int:
             scale=a.scale,
         )
         for a in found
-    ]
-    del graph.node[:]
-    graph.node.extend(topological([*kept, *fused], graph))
+    }
+    # Each fused node takes the place of the Reshape that produced the attention's output: its inputs,
+    # the projections, come earlier still, so the node order stays topological.
+    for node in graph.node:
+        if node.output and node.output[0] in fused:
+            node.CopyFrom(fused[node.output[0]])
     remove_dead_nodes(graph)
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return len(found)
-
-
-def topological(nodes: list[Any], graph: Any) -> list[Any]:
-    """Nodes in an order where every input is produced before it is used."""
-    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(nodes), []
-    while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
-            raise ValueError("graph has a cycle or an input nothing produces")
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-    return ordered
 
 
 def remove_dead_nodes(graph: Any) -> None:

@@ -130,12 +130,5 @@ def value_info(tensor: TensorSpec) -> Any:
 
 
 def replace_output(graph: Any, old: str, new: TensorSpec) -> None:
-    outputs = [value_info(new) if v.name == old else copy_message(v) for v in graph.output]
-    del graph.output[:]
-    graph.output.extend(outputs)
-
-
-def copy_message(message: Any) -> Any:
-    duplicate = type(message)()
-    duplicate.CopyFrom(message)
-    return duplicate
+    (output,) = [v for v in graph.output if v.name == old]
+    output.CopyFrom(value_info(new))

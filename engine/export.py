@@ -36,6 +36,7 @@ from engine.specs import (
     axis_sizes,
     graph_specs,
     sample_inputs,
+    unet_cfg_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,9 @@ def _export_into(
         start = time.perf_counter()
         module = source.wrapper(network)
         if network is Network.UNET_CFG:
-            derive_cfg_graph(
-                out / graphs[Network.UNET].file,
-                out / f"{network.value}.onnx",
-                specs[Network.UNET],
-                specs[network],
+            graphs[network] = derive_cfg_network(
+                module, graphs[Network.UNET], out, settings, dims, vocab_size
             )
-            external = graphs[Network.UNET].external_data
-            graphs[network] = gated_entry(module, specs[network], out, external, settings, dims, vocab_size)
         else:
             graphs[network] = convert_network(
                 network, module, specs[network], out, settings, dims, vocab_size
@@ -180,6 +176,15 @@ def build_manifest(folder: ModelFolder, dims: ModelDims, graphs: dict[Network, G
             "weights": {name: str(w.path.absolute()) for name, w in folder.weights.items()},
         },
     )
+
+
+def derive_cfg_network(
+    module: Any, unet: GraphEntry, out: Path, settings: ExportSettings, dims: ModelDims, vocab_size: int
+) -> GraphEntry:
+    """unet_cfg.onnx rewritten from the exported UNet (sharing its weights file), then gated."""
+    fused = unet_cfg_spec(dims)
+    derive_cfg_graph(out / unet.file, out / f"{fused.network.value}.onnx", unet.spec, fused)
+    return gated_entry(module, fused, out, unet.external_data, settings, dims, vocab_size)
 
 
 def with_fused_attention(

@@ -63,7 +63,6 @@ class GraphEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "onnxruntime": self.onnxruntime.to_json() if self.onnxruntime else None,
             "file": self.file,
             "sha256": self.sha256,
             "external_data": self.external_data,
@@ -71,6 +70,7 @@ class GraphEntry:
             "spec": self.spec.to_json(),
             "parity": dict(self.parity),
             "exporter": dict(self.exporter),
+            "onnxruntime": self.onnxruntime.to_json() if self.onnxruntime else None,
         }
 
     @staticmethod
@@ -172,7 +172,8 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as error:
         raise EngineFolderError(f"corrupt {path}: bad or missing field {error}") from None
     for entry in manifest.graphs.values():
-        for file in (entry.file, entry.onnxruntime.file if entry.onnxruntime else entry.file):
+        files = [entry.file] + ([entry.onnxruntime.file] if entry.onnxruntime else [])
+        for file in files:
             if not (root / file).is_file():
                 raise EngineFolderError(f"engine folder {root} is missing {file}")
     return manifest
