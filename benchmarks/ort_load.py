@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.runtime import CACHED_MODEL, OnnxRuntimeBackend, OrtGraph, OrtOptions, graph_content_hash
+from engine.backends.onnxruntime import (
+    CACHED_MODEL,
+    OnnxRuntimeBackend,
+    OrtGraph,
+    OrtOptions,
+    graph_content_hash,
+)
 from engine.specs import GraphSpec, Network, TensorSpec, sample_inputs
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}

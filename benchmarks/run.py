@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.bench.cli import main
+from engine.commands.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,3 +29,11 @@ class MissingDependencyError(EngineError):
 
 class Cancelled(EngineError):
     """A generation was cancelled by its step callback."""
+
+
+class BuildError(EngineError):
+    """A TensorRT plan could not be built (parser or builder failure), or a plan may not be used."""
+
+
+class BuildOutOfMemoryError(BuildError):
+    """The GPU ran out of memory while TensorRT built a plan."""

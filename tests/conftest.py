@@ -11,7 +11,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.presets import init_random
+    from engine.models.presets import init_random
 
     return init_random("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -25,7 +25,7 @@ def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def tiny_v_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.presets import init_random
+    from engine.models.presets import init_random
 
     return init_random("tiny-v", tmp_path_factory.mktemp("models") / "tiny-v", seed=1)
 

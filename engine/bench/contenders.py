@@ -70,7 +70,7 @@ class EngineRunner:
         if self.spec.device is not Device.CUDA:
             return {}
         if self.spec.contender is Contender.ONNXRUNTIME:
-            from engine.runtime import Provider
+            from engine.backends.onnxruntime import Provider
 
             return {"provider": Provider.CUDA}
         return {"device": "cuda"} if self.spec.contender is Contender.TORCH else {}
@@ -85,7 +85,7 @@ class EngineRunner:
         )
 
     def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
-        from engine.pipeline import EmbeddingCache
+        from engine.text.conditioning import EmbeddingCache
 
         w = self.spec.workload
         calls = [0]
@@ -112,7 +112,7 @@ class EngineRunner:
         return np.asarray(result.images[0]), stages
 
     def info(self) -> dict[str, Any]:
-        from engine.runtime import physical_cores
+        from engine.machine import physical_cores
         from engine.specs import Network
 
         info: dict[str, Any] = {

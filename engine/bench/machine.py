@@ -31,7 +31,7 @@ def memory_gib() -> float | None:
 
 
 def machine_info() -> dict[str, Any]:
-    from engine.runtime import physical_cores
+    from engine.machine import physical_cores
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {

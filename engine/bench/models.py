@@ -42,7 +42,7 @@ class Folders:
 
 
 def bench_home() -> Path:
-    from engine.default_engine import engine_home
+    from engine.commands.default_engine import engine_home
 
     return engine_home() / "bench"
 
@@ -51,7 +51,7 @@ def check_choice(choice: ModelChoice, contenders: tuple[Contender, ...]) -> None
     """Fail fast on folders that do not exist and presets that do not exist."""
     import importlib.util
 
-    from engine.presets import parse_preset
+    from engine.models.presets import parse_preset
 
     if (choice.model_dir is None) == (choice.preset is None):
         raise ValueError("give exactly one of --model MODEL_DIR or --preset NAME")

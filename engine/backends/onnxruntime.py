@@ -1,0 +1,580 @@
+"""Backends that run one compiled network, behind a small interface the pipeline relies on.
+
+A backend loads a graph file for a :class:`~engine.specs.GraphSpec`; the loaded :class:`Graph` checks
+its inputs against the spec and returns outputs by the spec's names. The ONNX Runtime backend saves
+ONNX Runtime's optimized graph once, keyed on content, runtime version, provider and machine, and
+later loads it with optimizations off: a service then starts the SD 1.5 UNet in under a second
+instead of 4-10 s.
+
+On the CUDA provider a graph runs through IO binding by default (:class:`BoundRunner`): inputs are
+copied into device buffers allocated once per input shape and outputs land in static device buffers,
+so a run allocates no device memory for them (the host copies in and out remain). Those fixed
+addresses are what ``cuda_graph=True`` needs: ONNX Runtime's own CUDA graph, one graph id per input
+shape. Every run returns host arrays the caller owns.
+
+This module imports only numpy, onnxruntime, the standard library and engine modules that do the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import mmap
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from engine.backends.cuda_graph import ShapeKey, shape_key
+from engine.errors import EngineError, EngineFolderError, MissingDependencyError
+from engine.machine import machine_fingerprint, physical_cores
+from engine.specs import GraphSpec, check_inputs
+
+log = logging.getLogger(__name__)
+
+
+GPU_INSTALL_HINT = 'pip install "sd-engine[gpu]"'
+
+
+CACHED_MODEL = "model.onnx"
+
+
+CACHED_DATA = "model.onnx.data"
+
+
+CACHE_SIDECAR = "key.json"
+
+
+# ONNX Runtime's Python errors share no base class below Exception.
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+    ort_state.EPFail,
+)
+
+
+# ONNX Runtime's type strings of the dtypes specs use.
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(bool)": "bool",
+}
+
+
+# An ONNX StringStringEntryProto whose key is "location": the file of an external tensor.
+_LOCATION_ENTRY = re.compile(rb"\x0a\x08location\x12")
+
+
+# How ONNX Runtime refuses enable_cuda_graph at session creation (control-flow nodes, or nodes off the
+# CUDA EP); older releases say "graph capture feature".
+_CAPTURE_REFUSED = re.compile(r"(cuda graph|graph capture) feature", re.IGNORECASE)
+
+
+# RunOptions key of ONNX Runtime's CUDA-graph id: -1 runs without capture or replay, 0 is reserved.
+GRAPH_ID_KEY = "gpu_graph_id"
+
+
+NO_GRAPH = -1
+
+
+class Provider(str, Enum):
+    """ONNX Runtime execution providers the engine supports."""
+
+    CPU = "CPUExecutionProvider"
+    CUDA = "CUDAExecutionProvider"
+
+    @property
+    def device_type(self) -> str:
+        """Where the provider's tensors live, as OrtValue and IO binding name it."""
+        return "cuda" if self is Provider.CUDA else "cpu"
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """How ONNX Runtime sessions are made.
+
+    provider: None picks CUDA when onnxruntime-gpu provides it, else CPU.
+    intra_op_threads: None uses the physical cores (hyper-threads slow fp32 GEMMs down).
+    cache_optimized: save the optimized graph in the cache folder and reuse it on later loads.
+    external_min_bytes: initializers at least this large go to the cached graph's data file
+        (graphs over 2 GB cannot be one protobuf).
+    io_binding: run through :class:`BoundRunner` (static buffers on the provider's device, no per-run
+        output allocation); None turns it on for CUDA, off for the CPU.
+    cuda_graph: ONNX Runtime's CUDA graph (CUDA provider and io_binding only; provider None then means
+        CUDA): one graph captured per input shape, kept while the graph is loaded.
+    device_id: the CUDA device (the CPU provider has only device 0).
+    fused_attention: run a graph's ONNX Runtime variant (attention fused into MultiHeadAttention)
+        where the engine folder has one; False runs the standard graph TensorRT builds from.
+    """
+
+    provider: Provider | None = None
+    intra_op_threads: int | None = None
+    cache_optimized: bool = True
+    external_min_bytes: int = 1024
+    io_binding: bool | None = None
+    cuda_graph: bool = False
+    device_id: int = 0
+    fused_attention: bool = True
+
+
+def available_providers() -> list[str]:
+    """Execution providers of the installed onnxruntime build."""
+    return list(ort.get_available_providers())
+
+
+def external_data_files(network_file: Path) -> list[Path]:
+    """Files holding a graph's external initializers, read from the ONNX protobuf without `onnx`."""
+    found: dict[Path, None] = {}
+    if network_file.stat().st_size == 0:  # mmap rejects empty files; ONNX Runtime reports them
+        return []
+    with open(network_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for match in _LOCATION_ENTRY.finditer(data):
+            length, start = _varint(data, match.end())
+            location = bytes(data[start : start + length]).decode("utf-8", errors="replace")
+            found[network_file.parent / location] = None
+    missing = [path.name for path in found if not path.is_file()]
+    if missing:
+        raise EngineFolderError(f"{network_file}: external data file(s) {missing} are missing")
+    return list(found)
+
+
+def graph_content_hash(network_file: Path) -> str:
+    """sha256 over the graph file and its external data files (names and bytes)."""
+    digest = hashlib.sha256()
+    for path in [network_file, *external_data_files(network_file)]:
+        digest.update(f"{path.name}\0{_file_sha256(path)}\0".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an optimized graph depends on; its digest names the cache entry."""
+
+    content_hash: str
+    onnxruntime: str
+    provider: str
+    optimization: str
+    machine: tuple[tuple[str, str], ...]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["machine"] = dict(self.machine)
+        return data
+
+
+@dataclass
+class BoundShape:
+    """The IO binding of one input shape: static input OrtValues, and static outputs once a run showed
+    their shapes (empty until then). graph_id is ONNX Runtime's CUDA-graph id for this shape, or None."""
+
+    binding: ort.IOBinding
+    inputs: dict[str, ort.OrtValue]
+    run_options: ort.RunOptions
+    graph_id: int | None
+    outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
+
+
+class BoundRunner:
+    """Runs a session through IO binding on static buffers on its device, one set per input shape.
+
+    Each run copies the caller's arrays into the shape's input OrtValues (allocated once, same addresses
+    every run). The first run of a shape lets ONNX Runtime allocate the outputs, which shows their shapes;
+    later runs write into static output OrtValues of those shapes. Without a CUDA graph, a new shape frees
+    the previous shape's buffers.
+
+    With cuda_graph (the session made with enable_cuda_graph), each shape gets its own gpu_graph_id. Its
+    first run uses id -1 (no capture: the outputs are not bound yet); in its second run ONNX Runtime makes
+    its warm-up runs, captures and replays; later runs replay. ONNX Runtime keeps captured graphs for the
+    session's lifetime and replays the addresses they recorded, so every shape's buffers stay allocated
+    while the runner lives, and a shape coming back replays its graph.
+
+    Ownership: the runner owns every OrtValue; run returns host copies the caller owns. Not thread-safe,
+    and ONNX Runtime keeps CUDA graphs per thread: run a runner from one thread.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        output_names: Sequence[str],
+        device_type: str,
+        device_id: int = 0,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.output_names = list(output_names)
+        self.device_type = device_type
+        self.device_id = device_id
+        self.cuda_graph = cuda_graph
+        self.current: BoundShape | None = None
+        self._session = session
+        self._shapes: dict[ShapeKey, BoundShape] = {}
+        self._graph_ids = itertools.count(1)
+        self._first_run_options = _run_options(NO_GRAPH if cuda_graph else None)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy feeds into the shape's static inputs, run, return host copies of the outputs by name."""
+        bound = self._bind(feeds)
+        for name, value in feeds.items():
+            bound.inputs[name].update_inplace(np.ascontiguousarray(value))
+        if not bound.outputs:
+            return self._first_run(bound)
+        self._session.run_with_iobinding(bound.binding, bound.run_options)
+        return _host_copies(self.output_names, [bound.outputs[name] for name in self.output_names])
+
+    def _bind(self, feeds: Mapping[str, np.ndarray]) -> BoundShape:
+        key = shape_key(feeds)
+        bound = self._shapes.get(key)
+        if bound is None:
+            if not self.cuda_graph:
+                self._shapes.clear()
+                self.current = None  # the previous shape's buffers go now, before the new ones are made
+            bound = self._allocate(feeds)
+            self._shapes[key] = bound
+        self.current = bound
+        return bound
+
+    def _allocate(self, feeds: Mapping[str, np.ndarray]) -> BoundShape:
+        binding = self._session.io_binding()
+        inputs = {}
+        for name, value in feeds.items():
+            inputs[name] = self._ortvalue(value.shape, value.dtype)
+            binding.bind_ortvalue_input(name, inputs[name])
+        graph_id = next(self._graph_ids) if self.cuda_graph else None
+        return BoundShape(binding, inputs, _run_options(graph_id), graph_id)
+
+    def _first_run(self, bound: BoundShape) -> dict[str, np.ndarray]:
+        """Run with outputs ONNX Runtime allocates (never captured), then bind static ones of their shapes."""
+        for name in self.output_names:
+            bound.binding.bind_output(name, self.device_type, self.device_id)
+        self._session.run_with_iobinding(bound.binding, self._first_run_options)
+        results = _host_copies(self.output_names, bound.binding.get_outputs())
+        bound.binding.clear_binding_outputs()
+        for name, array in results.items():
+            bound.outputs[name] = self._ortvalue(array.shape, array.dtype)
+            bound.binding.bind_ortvalue_output(name, bound.outputs[name])
+        return results
+
+    def _ortvalue(self, shape: Sequence[int], dtype: np.dtype) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), np.dtype(dtype).type, self.device_type, self.device_id
+        )
+
+
+class OrtGraph:
+    """A network loaded into an ONNX Runtime session, checked to match its spec.
+
+    loaded_from is the file the session read: the cached optimized graph whenever the cache was used;
+    cache_hit tells whether that graph was already there (True) or made by this load (False).
+    runner: runs through IO binding when given (see :class:`BoundRunner`), else through session.run.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        spec: GraphSpec,
+        loaded_from: Path,
+        cache_hit: bool,
+        runner: BoundRunner | None = None,
+    ):
+        _check_interface(session, spec, loaded_from)
+        self.spec = spec
+        self.providers: list[str] = list(session.get_providers())
+        self.loaded_from = loaded_from
+        self.cache_hit = cache_hit
+        self.runner = runner
+        self._session = session
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check feeds against the spec (TypeError/ValueError naming the input), then run."""
+        check_inputs(self.spec, feeds)
+        if self.runner is not None:
+            return self.runner.run({name: feeds[name] for name in self.spec.input_names})
+        outputs = self._session.run(self.spec.output_names, dict(feeds))
+        return dict(zip(self.spec.output_names, outputs, strict=True))
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime on the CPU or CUDA execution provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, options: OrtOptions = OrtOptions()):
+        self.options = options
+        self.provider = _resolve_provider(options.provider or (Provider.CUDA if options.cuda_graph else None))
+        self.io_binding = self.provider is Provider.CUDA if options.io_binding is None else options.io_binding
+        _check_device_options(options, self.provider, self.io_binding)
+        self.threads = options.intra_op_threads or physical_cores()
+
+    def load(
+        self,
+        network_file: Path,
+        spec: GraphSpec,
+        cache_dir: Path | None = None,
+        content_hash: str | None = None,
+    ) -> OrtGraph:
+        """Load a graph; with cache_dir, reuse (or make) its optimized form there.
+
+        content_hash: the source's hash from the engine manifest, to avoid re-reading gigabytes.
+        """
+        network_file = Path(network_file)
+        if not network_file.is_file():
+            raise EngineFolderError(f"graph file {network_file} is missing")
+        if cache_dir is None or not self.options.cache_optimized:
+            session = self._session(network_file, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            return self._graph(session, spec, network_file, cache_hit=False)
+        return self._load_cached(network_file, spec, Path(cache_dir), content_hash)
+
+    def cache_key(self, network_file: Path, content_hash: str | None = None) -> CacheKey:
+        """The key of network_file's optimized graph under this backend's options.
+
+        The CUDA provider options this backend sets (device_id, enable_cuda_graph) change how the graph
+        runs, not the optimized graph, so they are not in the key: with and without a CUDA graph share it.
+        """
+        return CacheKey(
+            content_hash=content_hash or graph_content_hash(network_file),
+            onnxruntime=ort.__version__,
+            provider=self.provider.value,
+            optimization=ort.GraphOptimizationLevel.ORT_ENABLE_ALL.name,
+            machine=tuple(sorted(machine_fingerprint(gpu=self.provider is Provider.CUDA).items())),
+        )
+
+    def _graph(
+        self, session: ort.InferenceSession, spec: GraphSpec, loaded_from: Path, cache_hit: bool
+    ) -> OrtGraph:
+        runner = None
+        if self.io_binding:
+            device = self.provider.device_type
+            runner = BoundRunner(
+                session, spec.output_names, device, self.options.device_id, self.options.cuda_graph
+            )
+        return OrtGraph(session, spec, loaded_from, cache_hit, runner)
+
+    def _load_cached(self, source: Path, spec: GraphSpec, cache_dir: Path, digest: str | None) -> OrtGraph:
+        """Open the cached optimized graph, making it first if absent or damaged; never a stale one."""
+        key = self.cache_key(source, digest)
+        entry = cache_dir / f"{spec.network.value}-{key.digest()}"
+        if entry.is_dir() and (session := self._open_entry(entry, key)) is not None:
+            return self._graph(session, spec, entry / CACHED_MODEL, cache_hit=True)
+        # Reopening what was just stored proves it loads here, and every load then runs the same graph.
+        if (
+            self._store_optimized(source, entry, key)
+            and (session := self._open_entry(entry, key)) is not None
+        ):
+            return self._graph(session, spec, entry / CACHED_MODEL, cache_hit=False)
+        session = self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        return self._graph(session, spec, source, cache_hit=False)
+
+    def _open_entry(self, entry: Path, key: CacheKey) -> ort.InferenceSession | None:
+        """Session on a cached optimized graph; None (entry removed, with a warning) if it is damaged."""
+        problem = _entry_problem(entry, key)
+        if problem is None:
+            try:
+                return self._session(entry / CACHED_MODEL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            except EngineFolderError as error:
+                problem = str(error)
+        warnings.warn(
+            f"discarding damaged optimized-graph cache {entry}: {problem}", RuntimeWarning, stacklevel=2
+        )
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+    def _store_optimized(self, source: Path, entry: Path, key: CacheKey) -> bool:
+        """Optimize source into a temporary folder, renamed to entry once complete; False if not stored.
+
+        The cached .onnx names its data file by a relative path, so the pair moves as one folder.
+        """
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+        except OSError as error:
+            log.warning(
+                "optimized-graph cache %s is not writable (%s); loading without it", entry.parent, error
+            )
+            return False
+        try:
+            self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save_to=staging)
+            _write_sidecar(staging, key, source)
+            staging.chmod(0o755)  # mkdtemp's 0700 would hide the entry from services running as other users
+            os.rename(staging, entry)
+            return True
+        except EngineFolderError as error:  # a bad source fails again when loaded plainly, and raises then
+            log.warning("optimizing %s into the cache failed (%s); retrying without the cache", source, error)
+            return False
+        except OSError as error:
+            if entry.is_dir():  # another process stored the same key first
+                return True
+            log.warning("could not store the optimized graph of %s at %s: %s", source, entry, error)
+            return False
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _session(
+        self, path: Path, level: ort.GraphOptimizationLevel, save_to: Path | None = None
+    ) -> ort.InferenceSession:
+        options = _session_options(self.threads, level)
+        if save_to is not None:
+            options.optimized_model_filepath = str(save_to / CACHED_MODEL)
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", CACHED_DATA
+            )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                str(self.options.external_min_bytes),
+            )
+        providers: list[str | tuple[str, dict[str, str]]] = [Provider.CPU.value]
+        if self.provider is Provider.CUDA:
+            # Nodes the GPU provider lacks fall back to the CPU (with a CUDA graph, only shape nodes may).
+            providers.insert(0, (Provider.CUDA.value, self._cuda_options()))
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except _ORT_ERRORS as error:
+            raise _load_error(path, error, self.options.cuda_graph) from error
+
+    def _cuda_options(self) -> dict[str, str]:
+        """CUDA provider options: the device, and ONNX Runtime's CUDA graph when asked for."""
+        options = {"device_id": str(self.options.device_id)}
+        if self.options.cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return options
+
+
+def _resolve_provider(requested: Provider | None) -> Provider:
+    """The provider to use; CUDA must be present (ONNX Runtime would silently fall back to CPU)."""
+    available = available_providers()
+    if requested is None:
+        return Provider.CUDA if Provider.CUDA.value in available else Provider.CPU
+    if requested.value not in available:
+        raise MissingDependencyError(
+            f"ONNX Runtime provider {requested.value} is not available (have {available}); "
+            f"install onnxruntime-gpu: {GPU_INSTALL_HINT}"
+        )
+    return requested
+
+
+def _check_device_options(options: OrtOptions, provider: Provider, io_binding: bool) -> None:
+    """Refuse option combinations that cannot work, rather than ignoring one of them."""
+    if options.device_id < 0 or (provider is Provider.CPU and options.device_id != 0):
+        raise EngineError(f"device_id={options.device_id} is not a device of {provider.value}")
+    if options.cuda_graph and provider is not Provider.CUDA:
+        raise EngineError(f"cuda_graph=True needs provider {Provider.CUDA.value}, not {provider.value}")
+    if options.cuda_graph and not io_binding:
+        raise EngineError(
+            "cuda_graph=True needs io_binding: a CUDA graph replays fixed input and output memory"
+        )
+
+
+def _load_error(path: Path, error: Exception, cuda_graph: bool) -> EngineError:
+    """A one-line error for a session ONNX Runtime would not make; a refused CUDA graph is not a bad file."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if cuda_graph and _CAPTURE_REFUSED.search(str(error)):
+        return EngineError(
+            f"ONNX Runtime cannot run {path} as a CUDA graph: {first_line}; use cuda_graph=False"
+        )
+    return EngineFolderError(f"ONNX Runtime cannot load {path}: {first_line}")
+
+
+def _run_options(graph_id: int | None) -> ort.RunOptions:
+    """RunOptions naming ONNX Runtime's CUDA graph for a run (None: the session has none)."""
+    options = ort.RunOptions()
+    if graph_id is not None:
+        options.add_run_config_entry(GRAPH_ID_KEY, str(graph_id))
+    return options
+
+
+def _host_copies(names: Sequence[str], values: Sequence[ort.OrtValue]) -> dict[str, np.ndarray]:
+    """Host arrays the caller owns (OrtValue.numpy() of a CPU value is a view of ONNX Runtime's memory)."""
+    return {name: np.array(value.numpy(), copy=True) for name, value in zip(names, values, strict=True)}
+
+
+def _session_options(threads: int, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    """Measured best on the CPU: sequential executor, one inter-op thread, arena and memory pattern on."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    return options
+
+
+def _check_interface(session: ort.InferenceSession, spec: GraphSpec, path: Path) -> None:
+    """A graph whose input/output names or dtypes differ from its spec belongs to another engine version."""
+    inputs = {node.name: _ORT_DTYPES.get(node.type, node.type) for node in session.get_inputs()}
+    wanted = {tensor.name: tensor.dtype for tensor in spec.inputs}
+    outputs = {node.name for node in session.get_outputs()}
+    missing_outputs = [name for name in spec.output_names if name not in outputs]
+    if inputs != wanted or missing_outputs:
+        raise EngineFolderError(
+            f"{path} does not match the {spec.network.value} spec: graph inputs {inputs}, spec inputs "
+            f"{wanted}; spec outputs missing from the graph {missing_outputs}"
+        )
+
+
+def _entry_problem(entry: Path, key: CacheKey) -> str | None:
+    """Why a cache entry cannot be used (cheap checks: sidecar key and file sizes), or None."""
+    try:
+        sidecar = json.loads((entry / CACHE_SIDECAR).read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable {CACHE_SIDECAR}: {error}"
+    if sidecar.get("key") != key.to_json():
+        return "its key does not match"
+    for name, size in sidecar.get("sizes", {}).items():
+        path = entry / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def _write_sidecar(staging: Path, key: CacheKey, source: Path) -> None:
+    sizes = {path.name: path.stat().st_size for path in sorted(staging.iterdir()) if path.is_file()}
+    if CACHED_MODEL not in sizes:
+        raise OSError(f"ONNX Runtime wrote no {CACHED_MODEL} into {staging}")
+    sidecar = {"digest": key.digest(), "key": key.to_json(), "source": str(source), "sizes": sizes}
+    (staging / CACHE_SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _varint(data: mmap.mmap, position: int) -> tuple[int, int]:
+    """Decode a protobuf varint at position; return (value, position after it)."""
+    value, shift = 0, 0
+    while position < len(data):
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return value, position

@@ -1,0 +1,382 @@
+"""The tensorrt runtime backend: built plans behind the runtime's Graph interface, with CUDA graphs.
+
+``open_tensorrt(engine_dir, manifest)`` checks the environment (tensorrt, cuda-python, a GPU), reads
+``tensorrt/plans.json`` written by ``sd-engine build`` and returns a loader the pipeline calls per
+network. A plan is loaded only if its sidecar says it was built from the manifest's ONNX graph, with
+this TensorRT version, on this GPU model, and passed its parity gate; otherwise a one-line
+EngineFolderError says why and how to rebuild.
+
+Per plan: one execution context per optimization profile, made on first use (a request takes the first
+profile whose ranges cover its shapes), one CUDA stream, and per context a
+:class:`~engine.backends.cuda_graph.CudaGraphRunner` over static device buffers and pinned host
+buffers. A step is: NumPy feeds copied into the pinned input buffers, one CUDA-graph launch holding
+the host-to-device copies, ``execute_async_v3`` and the device-to-host copies, one stream
+synchronisation. ``run``
+returns copies the caller owns; the pinned buffers stay the graph's.
+
+tensorrt and cuda-python are imported only inside :func:`open_tensorrt` (through
+:func:`engine.build_trt.check_environment`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph
+from engine.backends.options import parse_backend_options
+from engine.errors import BuildError, EngineError, EngineFolderError
+from engine.manifest import Manifest
+from engine.runtime import Graph
+from engine.specs import GraphSpec, Network, check_inputs
+from engine.tensorrt.env import check_environment, cuda_check, trt_logger
+from engine.tensorrt.plans import PLAN_DIR, GpuInfo, key_mismatch, read_plan_index, read_sidecar
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+# Per input with a dynamic axis: (min shape, max shape) of one optimization profile.
+ProfileRanges = Mapping[str, tuple[Shape, Shape]]
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """cuda_graph: capture the plan's run (copies included) per shape and replay it.
+    timing: record each run's device time (copies included) with CUDA events, in ``device_ms``."""
+
+    cuda_graph: bool = True
+    warmup: int = 1
+    device: int = 0
+    timing: bool = False
+
+
+def plan_load_problem(
+    sidecar: Mapping[str, Any], onnx_sha256: str, tensorrt_version: str, gpu: GpuInfo
+) -> str | None:
+    """Why a built plan may not run here: another TensorRT / GPU / ONNX graph, or a failed gate."""
+    stored = sidecar["key"]
+    fields = ("tensorrt", "gpu", "compute_capability", "onnx_sha256")
+    here = {"tensorrt": tensorrt_version, "gpu": gpu.name, "compute_capability": gpu.compute_capability}
+    mismatch = key_mismatch({k: stored.get(k) for k in fields}, {**here, "onnx_sha256": onnx_sha256})
+    if mismatch is not None:
+        return mismatch
+    if not sidecar["parity"].get("passed", False):
+        return "it failed its parity gate"
+    return None
+
+
+def read_plan(plan: Path, onnx_sha256: str, tensorrt_version: str, gpu: GpuInfo) -> bytes:
+    """A plan's bytes, after its sidecar proved it belongs to this graph, TensorRT and GPU."""
+    rebuild = f"rebuild with `sd-engine build {plan.parent.parent}`"
+    if not plan.is_file():
+        raise EngineFolderError(f"TensorRT plan {plan} is missing; {rebuild}")
+    try:
+        sidecar = read_sidecar(plan)
+    except BuildError as error:
+        raise EngineFolderError(f"TensorRT plan {plan} cannot be used: {error}; {rebuild}") from None
+    problem = plan_load_problem(sidecar, onnx_sha256, tensorrt_version, gpu)
+    data = plan.read_bytes() if problem is None else b""
+    if problem is None and len(data) != sidecar["plan_bytes"]:
+        problem = "the plan file is truncated"
+    if problem is not None:
+        raise EngineFolderError(f"TensorRT plan {plan.name} cannot be used: {problem}; {rebuild}")
+    return data
+
+
+def choose_profile(ranges: Sequence[ProfileRanges], shapes: Mapping[str, Shape]) -> int | None:
+    """Index of the first profile whose min/max cover every input shape; None when none does."""
+    for index, profile in enumerate(ranges):
+        if all(
+            len(shapes[name]) == len(low)
+            and all(lo <= s <= hi for s, lo, hi in zip(shapes[name], low, high, strict=True))
+            for name, (low, high) in profile.items()
+        ):
+            return index
+    return None
+
+
+def describe_ranges(ranges: Sequence[ProfileRanges]) -> str:
+    return "; ".join(
+        ", ".join(f"{name} {list(low)}..{list(high)}" for name, (low, high) in profile.items())
+        for profile in ranges
+    )
+
+
+@dataclass
+class TrtBuffers:
+    """Static buffers of one shape: device pointers and pinned host arrays, per tensor name."""
+
+    device: dict[str, int]
+    host: dict[str, np.ndarray]
+    host_ptrs: dict[str, int]
+    nbytes: dict[str, int]
+
+
+class TrtOps:
+    """GraphOps for one execution context: copies, execute_async_v3, and stream capture."""
+
+    def __init__(
+        self,
+        context: Any,
+        spec: GraphSpec,
+        dtypes: Mapping[str, np.dtype],
+        cudart: Any,
+        stream: Any,
+        timing: bool = False,
+    ):
+        self.context = context
+        self.spec = spec
+        self.dtypes = dtypes
+        self.cudart = cudart
+        self.stream = stream
+        self.device_ms: list[float] = []
+        self._events = (
+            tuple(cuda_check(cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(2))
+            if timing
+            else None
+        )
+
+    def allocate(self, shapes: Mapping[str, Shape]) -> TrtBuffers:
+        for name, shape in shapes.items():
+            if not self.context.set_input_shape(name, shape):
+                raise ValueError(
+                    f"{self.spec.network.value}: TensorRT rejected input '{name}' shape {list(shape)}"
+                )
+        all_shapes = dict(shapes)
+        for name in self.spec.output_names:
+            all_shapes[name] = tuple(int(d) for d in self.context.get_tensor_shape(name))
+        buffers = TrtBuffers({}, {}, {}, {})
+        try:
+            for name, shape in all_shapes.items():
+                self._allocate_tensor(buffers, name, shape)
+        except BaseException:
+            self.release(buffers)
+            raise
+        return buffers
+
+    def _allocate_tensor(self, buffers: TrtBuffers, name: str, shape: Shape) -> None:
+        dtype = self.dtypes[name]
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        buffers.device[name] = int(cuda_check(self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        buffers.nbytes[name] = nbytes
+        pointer = int(cuda_check(self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        buffers.host_ptrs[name] = pointer
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(pointer))
+        buffers.host[name] = raw[: int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+        if not self.context.set_tensor_address(name, buffers.device[name]):
+            raise EngineError(f"{self.spec.network.value}: TensorRT rejected the address of '{name}'")
+
+    def release(self, buffers: TrtBuffers) -> None:
+        for pointer in buffers.device.values():
+            cuda_check(self.cudart.cudaFree(pointer), "cudaFree")
+        for pointer in buffers.host_ptrs.values():
+            cuda_check(self.cudart.cudaFreeHost(pointer), "cudaFreeHost")
+        buffers.device.clear()
+        buffers.host_ptrs.clear()
+        buffers.host.clear()
+
+    def write_inputs(self, buffers: TrtBuffers, feeds: Mapping[str, np.ndarray]) -> None:
+        for name, value in feeds.items():
+            np.copyto(buffers.host[name], value, casting="no")
+
+    def _enqueue(self, buffers: TrtBuffers) -> None:
+        """Host-to-device copies, the plan, device-to-host copies: all on the stream, nothing waits."""
+        cudart, stream = self.cudart, self.stream
+        to_device, to_host = (
+            cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+        )
+        for name in self.spec.input_names:
+            args = (buffers.device[name], buffers.host_ptrs[name], buffers.nbytes[name], to_device, stream)
+            cuda_check(cudart.cudaMemcpyAsync(*args), "cudaMemcpyAsync")
+        if not self.context.execute_async_v3(int(stream)):
+            raise EngineError(f"{self.spec.network.value}: TensorRT execute_async_v3 failed")
+        for name in self.spec.output_names:
+            args = (buffers.host_ptrs[name], buffers.device[name], buffers.nbytes[name], to_host, stream)
+            cuda_check(cudart.cudaMemcpyAsync(*args), "cudaMemcpyAsync")
+
+    def launch(self, buffers: TrtBuffers) -> None:
+        self._record(0)
+        self._enqueue(buffers)
+        self._record(1)
+
+    def destroy_events(self) -> None:
+        for event in self._events or ():
+            cuda_check(self.cudart.cudaEventDestroy(event), "cudaEventDestroy")
+        self._events = None
+
+    def _record(self, which: int) -> None:
+        if self._events is not None:
+            cuda_check(self.cudart.cudaEventRecord(self._events[which], self.stream), "cudaEventRecord")
+
+    def capture(self, buffers: TrtBuffers) -> tuple[Any, Any]:
+        cudart = self.cudart
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda_check(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        try:
+            self._enqueue(buffers)
+        except BaseException:  # end the capture (the stream is unusable inside one), keep the first error
+            error, partial = cudart.cudaStreamEndCapture(self.stream)
+            if int(error) == 0 and partial:
+                cudart.cudaGraphDestroy(partial)
+            raise
+        graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        try:
+            return graph, cuda_check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except EngineError:
+            cudart.cudaGraphDestroy(graph)
+            raise
+
+    def replay(self, graph: tuple[Any, Any]) -> None:
+        self._record(0)
+        cuda_check(self.cudart.cudaGraphLaunch(graph[1], self.stream), "cudaGraphLaunch")
+        self._record(1)
+
+    def release_graph(self, graph: tuple[Any, Any]) -> None:
+        cuda_check(self.cudart.cudaGraphExecDestroy(graph[1]), "cudaGraphExecDestroy")
+        cuda_check(self.cudart.cudaGraphDestroy(graph[0]), "cudaGraphDestroy")
+
+    def read_outputs(self, buffers: TrtBuffers) -> dict[str, np.ndarray]:
+        cuda_check(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        if self._events is not None:
+            elapsed = cuda_check(self.cudart.cudaEventElapsedTime(*self._events), "cudaEventElapsedTime")
+            self.device_ms.append(float(elapsed))
+        return {name: buffers.host[name] for name in self.spec.output_names}
+
+
+def engine_io(trt: Any, engine: Any, spec: GraphSpec, plan: Path) -> dict[str, np.dtype]:
+    """The plan's tensor dtypes, checked against the spec (a plan of another export is refused)."""
+    io = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        io[name] = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+    wanted = {t.name: np.dtype(t.dtype) for t in spec.inputs + spec.outputs}
+    if io != wanted:
+        found = {k: v.name for k, v in io.items()}
+        wanted_names = {k: v.name for k, v in wanted.items()}
+        raise EngineFolderError(
+            f"{plan} does not match the {spec.network.value} spec: plan tensors {found}, "
+            f"spec {wanted_names}; rebuild with `sd-engine build`"
+        )
+    return io
+
+
+def profile_ranges(engine: Any, spec: GraphSpec) -> list[ProfileRanges]:
+    """(min, max) per dynamic input and profile, as the plan holds them."""
+    ranges = []
+    for index in range(engine.num_optimization_profiles):
+        profile = {}
+        for tensor in spec.inputs:
+            if tensor.symbols():
+                low, _, high = engine.get_tensor_profile_shape(tensor.name, index)
+                profile[tensor.name] = (tuple(int(d) for d in low), tuple(int(d) for d in high))
+        ranges.append(profile)
+    return ranges
+
+
+class TrtGraph:
+    """One deserialized plan: a context, static buffers and a CUDA-graph runner per profile."""
+
+    def __init__(self, trt: Any, cudart: Any, engine: Any, spec: GraphSpec, plan: Path, options: TrtOptions):
+        self.spec = spec
+        self.providers = ["tensorrt:cuda-graph" if options.cuda_graph else "tensorrt"]
+        self.plan = plan
+        self._trt, self._cudart, self._engine, self._options = trt, cudart, engine, options
+        self._dtypes = engine_io(trt, engine, spec, plan)
+        self._ranges = profile_ranges(engine, spec)
+        # Non-blocking: no implicit sync with the legacy default stream, which would break a capture.
+        flags = cudart.cudaStreamNonBlocking
+        self._stream = cuda_check(cudart.cudaStreamCreateWithFlags(flags), "cudaStreamCreateWithFlags")
+        self._runners: dict[int, CudaGraphRunner] = {}
+        self._contexts: dict[int, Any] = {}
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check feeds against the spec, run on the covering profile, return arrays the caller owns."""
+        check_inputs(self.spec, feeds)
+        shapes = {name: tuple(feeds[name].shape) for name in self.spec.input_names}
+        index = choose_profile(self._ranges, shapes)
+        if index is None:
+            shown = {k: list(v) for k, v in shapes.items()}
+            raise ValueError(
+                f"{self.spec.network.value}: no TensorRT profile of {self.plan.name} covers input shapes "
+                f"{shown} (profiles: {describe_ranges(self._ranges)}); "
+                "rebuild with `sd-engine build` and the --batch / --size you need"
+            )
+        outputs = self._runner(index).run({name: feeds[name] for name in self.spec.input_names})
+        return {name: np.array(outputs[name], copy=True) for name in self.spec.output_names}
+
+    def _runner(self, index: int) -> CudaGraphRunner:
+        if index not in self._runners:
+            # One context per profile; each allocates activation memory for its own profile only.
+            strategy = self._trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
+            context = self._engine.create_execution_context(strategy)
+            if context is None:
+                raise EngineError(
+                    f"TensorRT could not create an execution context for {self.plan.name} (GPU memory?)"
+                )
+            try:  # the Python bindings raise on failure where C++ returns false
+                accepted = context.set_optimization_profile_async(index, int(self._stream))
+            except RuntimeError:
+                accepted = False
+            if not accepted:
+                raise EngineError(f"TensorRT rejected optimization profile {index} of {self.plan.name}")
+            opts = self._options
+            ops = TrtOps(context, self.spec, self._dtypes, self._cudart, self._stream, opts.timing)
+            self._contexts[index] = context
+            self._runners[index] = CudaGraphRunner(ops, opts.warmup, opts.cuda_graph)
+        return self._runners[index]
+
+    @property
+    def device_ms(self) -> list[float]:
+        """Device time of every timed run (TrtOptions.timing), all profiles."""
+        return [ms for runner in self._runners.values() for ms in runner.ops.device_ms]
+
+    def close(self) -> None:
+        """Free graphs, buffers, contexts and the stream (the plan's engine goes with the object)."""
+        for runner in self._runners.values():
+            runner.reset()
+            runner.ops.destroy_events()
+        self._runners.clear()
+        self._contexts.clear()
+        if self._stream is not None:
+            cuda_check(self._cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+            self._stream = None
+
+
+def open_tensorrt(engine_dir: Path, manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
+    """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
+    opts = parse_backend_options(TrtOptions, options, "tensorrt")
+    trt, cudart, gpu = check_environment(opts.device)
+    root = Path(engine_dir)
+    index = read_plan_index(root)
+    runtime = trt.Runtime(trt_logger(trt))
+
+    def load_plan(network: Network, file: str) -> TrtGraph:
+        entry = manifest.graphs[network]
+        path = root / PLAN_DIR / file
+        engine = runtime.deserialize_cuda_engine(read_plan(path, entry.sha256, trt.__version__, gpu))
+        if engine is None:
+            raise EngineFolderError(
+                f"TensorRT cannot deserialize {path}; rebuild with `sd-engine build {root}`"
+            )
+        return TrtGraph(trt, cudart, engine, entry.spec, path, opts)
+
+    def load(network: Network) -> Graph:
+        plans = index.get(network.value)
+        if not plans or not plans.get("plan"):
+            raise EngineFolderError(
+                f"no TensorRT plan for {network.value} in {root / PLAN_DIR}; build it with "
+                f"`sd-engine build {root} --networks {network.value}`"
+            )
+        primary = load_plan(network, str(plans["plan"]))
+        if plans.get("fallback"):
+            return GuardedGraph(primary, load_plan(network, str(plans["fallback"])))
+        return primary
+
+    return load

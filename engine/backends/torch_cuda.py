@@ -1,0 +1,274 @@
+"""The torch backend on CUDA: fp16 networks, static buffers, and a captured CUDA graph for the UNet.
+
+The same source modules as :mod:`engine.backends.torch_cpu` (the reference path), moved to the GPU: the text
+encoder and UNet in fp16 behind a float32 boundary (graphs keep the spec's float32 inputs and outputs;
+the timestep stays float32, as diffusers computes its embedding), the VAE in fp32 unless ``vae_fp16``
+asks for fp16 with an fp32 rerun on overflow. Every network runs through a
+:class:`~engine.backends.cuda_graph.CudaGraphRunner` (static device buffers, pinned host staging, one private
+CUDA stream); the UNet's runner captures a ``torch.cuda.CUDAGraph`` per shape and replays it.
+
+Fused classifier-free guidance: the ``unet_cfg`` network is :class:`engine.models.torch_modules.GuidedUNet`
+around the same fp16 UNet (shared weights, its own captured graph): B latents, 2B embeddings and the
+guidance scale in, the guided noise out, so the duplication of the latents and the guidance combine
+happen on the GPU and half as many latents cross the bus each step.
+
+torch is imported inside functions: this module imports without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph
+from engine.backends.options import parse_backend_options
+from engine.errors import EngineFolderError, MissingDependencyError
+from engine.manifest import Manifest
+from engine.runtime import Graph
+from engine.specs import (
+    GraphSpec,
+    Network,
+    Precision,
+    check_inputs,
+)
+
+log = logging.getLogger(__name__)
+
+TORCH_CUDA_HINT = "install a CUDA build of torch on a machine with an NVIDIA GPU and driver"
+# Inputs that stay float32 inside an fp16 module: diffusers embeds the timestep in float32.
+FLOAT32_INPUTS = ("timestep",)
+
+
+def import_cuda_torch() -> Any:
+    """torch with a usable CUDA device, or a one-line MissingDependencyError saying what is missing."""
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError(f"the torch-cuda backend needs torch: {TORCH_CUDA_HINT}") from None
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise MissingDependencyError(
+            f"the torch-cuda backend needs a CUDA GPU: torch {torch.__version__} ({build}) sees none; "
+            f"{TORCH_CUDA_HINT}"
+        )
+    return torch
+
+
+@dataclass(frozen=True)
+class TorchCudaOptions:
+    """cuda_graph: capture and replay the UNet; timing: record each run's device time (CUDA events)."""
+
+    cuda_graph: bool = True
+    precision: Precision = Precision.FP16
+    vae_fp16: bool = False
+    warmup: int = 2
+    device: str = "cuda"
+    timing: bool = False
+
+
+def cast_boundary(module: Any, dtype: Any, keep_float32: tuple[int, ...] = ()) -> Any:
+    """module converted to dtype, taking and returning float32 (positions in keep_float32 stay float32)."""
+    import torch
+
+    class CastBoundary(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner.to(dtype)
+
+        def forward(self, *args: torch.Tensor) -> Any:
+            cast = [
+                a.to(dtype) if a.is_floating_point() and i not in keep_float32 else a
+                for i, a in enumerate(args)
+            ]
+            out = self.inner(*cast)
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    return CastBoundary(module).eval()
+
+
+@dataclass
+class TorchBuffers:
+    """Static device inputs, their pinned host staging, the outputs of the last run and pinned copies."""
+
+    inputs: dict[str, Any]
+    staging: dict[str, Any]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    host_out: dict[str, Any] = field(default_factory=dict)
+
+
+class TorchCudaOps:
+    """GraphOps on torch: all device work on one private stream; graphs are torch.cuda.CUDAGraph."""
+
+    def __init__(self, module: Any, spec: GraphSpec, device: str, timing: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.module = module
+        self.spec = spec
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(device=self.device)  # capture needs a non-default stream
+        torch.cuda.synchronize(self.device)  # weights were copied on the default stream
+        self.timing = timing
+        self.device_ms: list[float] = []
+        self._events: tuple[Any, Any] | None = None
+
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> TorchBuffers:
+        torch = self.torch
+        dtypes = {t.name: getattr(torch, t.dtype) for t in self.spec.inputs}
+        with torch.cuda.stream(self.stream):  # the allocator then ties these buffers to our stream
+            inputs = {n: torch.empty(s, dtype=dtypes[n], device=self.device) for n, s in shapes.items()}
+        staging = {n: torch.empty(s, dtype=dtypes[n], pin_memory=True) for n, s in shapes.items()}
+        return TorchBuffers(inputs, staging)
+
+    def release(self, buffers: TorchBuffers) -> None:
+        self.stream.synchronize()
+        for group in (buffers.inputs, buffers.staging, buffers.outputs, buffers.host_out):
+            group.clear()
+
+    def write_inputs(self, buffers: TorchBuffers, feeds: Mapping[str, np.ndarray]) -> None:
+        with self.torch.cuda.stream(self.stream):
+            for name, value in feeds.items():
+                np.copyto(buffers.staging[name].numpy(), value, casting="no")
+                buffers.inputs[name].copy_(buffers.staging[name], non_blocking=True)
+
+    def _forward(self, buffers: TorchBuffers) -> dict[str, Any]:
+        out = self.module(*(buffers.inputs[name] for name in self.spec.input_names))
+        outputs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(self.spec.output_names, outputs, strict=True))
+
+    def _start_timing(self) -> None:
+        if self.timing:
+            start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record(self.stream)
+            self._events = (start, end)
+
+    def launch(self, buffers: TorchBuffers) -> None:
+        with self.torch.no_grad(), self.torch.cuda.stream(self.stream):
+            self._start_timing()
+            buffers.outputs = self._forward(buffers)
+
+    def capture(self, buffers: TorchBuffers) -> Any:
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.no_grad(), self.torch.cuda.graph(graph, stream=self.stream):
+            buffers.outputs = self._forward(buffers)  # static outputs: replays overwrite these tensors
+        return graph
+
+    def replay(self, graph: Any) -> None:
+        with self.torch.cuda.stream(self.stream):
+            self._start_timing()
+            graph.replay()
+
+    def release_graph(self, graph: Any) -> None:
+        self.stream.synchronize()
+        graph.reset()
+
+    def read_outputs(self, buffers: TorchBuffers) -> dict[str, np.ndarray]:
+        with self.torch.cuda.stream(self.stream):
+            if self._events is not None:
+                self._events[1].record(self.stream)
+            for name, value in buffers.outputs.items():
+                host = buffers.host_out.get(name)
+                if host is None or host.shape != value.shape or host.dtype != value.dtype:
+                    host = buffers.host_out[name] = self.torch.empty_like(
+                        value, device="cpu", pin_memory=True
+                    )
+                host.copy_(value, non_blocking=True)
+        self.stream.synchronize()
+        if self._events is not None:
+            self.device_ms.append(self._events[0].elapsed_time(self._events[1]))
+            self._events = None
+        return {name: buffers.host_out[name].numpy() for name in self.spec.output_names}
+
+
+class TorchCudaGraph:
+    """One network on the GPU behind the Graph interface."""
+
+    def __init__(self, spec: GraphSpec, module: Any, options: TorchCudaOptions, capture: bool) -> None:
+        self.spec = spec
+        graph_tag = ":cuda-graph" if capture else ""
+        self.providers = [f"torch:{options.device}:{options.precision.value}{graph_tag}"]
+        self.ops = TorchCudaOps(module, spec, options.device, options.timing)
+        self.runner = CudaGraphRunner(self.ops, options.warmup, enabled=capture)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check feeds against the spec, run (or replay), return float32 arrays the caller owns."""
+        check_inputs(self.spec, feeds)
+        outputs = self.runner.run({name: feeds[name] for name in self.spec.input_names})
+        return {name: np.array(outputs[name], copy=True) for name in self.spec.output_names}
+
+    @property
+    def device_ms(self) -> list[float]:
+        """Device time of every timed run (TorchCudaOptions.timing)."""
+        return self.ops.device_ms
+
+    def reset(self) -> None:
+        """Free the captured graph and static buffers (they come back on the next run)."""
+        self.runner.reset()
+
+
+def load_source(manifest: Manifest) -> Any:
+    """The source model folder recorded in the manifest, loaded in float32 on the CPU."""
+    from engine.models.folder import inspect_model_folder
+    from engine.models.torch_modules import load_source_model
+
+    model_dir = manifest.source.get("model_dir")
+    if not model_dir or not Path(model_dir).is_dir():
+        raise EngineFolderError(
+            f"the torch-cuda backend needs the source model folder {model_dir!r} (from the manifest): "
+            "not found"
+        )
+    return load_source_model(inspect_model_folder(model_dir))
+
+
+def network_module(source: Any, spec: GraphSpec, device: str, fp16: bool) -> Any:
+    """A network's wrapper module on the device, fp16 behind a float32 boundary when asked."""
+    import copy
+
+    import torch
+
+    wrapper = source.wrapper(spec.network)
+    if not fp16:
+        return wrapper.to(device)
+    if spec.network in (Network.VAE_DECODER, Network.VAE_ENCODER):
+        wrapper = copy.deepcopy(wrapper)  # the fp32 VAE shares these weights and stays fp32
+    keep = tuple(i for i, name in enumerate(spec.input_names) if name in FLOAT32_INPUTS)
+    return cast_boundary(wrapper, torch.float16, keep).to(device)
+
+
+def open_torch_cuda(manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
+    """A loader of the manifest's source networks on the GPU (options: see :class:`TorchCudaOptions`)."""
+    opts = parse_backend_options(TorchCudaOptions, options, "torch-cuda")
+    import_cuda_torch()
+    source = load_source(manifest)
+    half = opts.precision is Precision.FP16
+    unets: dict[str, Any] = {}  # the unet and unet_cfg graphs share one module (and its weights)
+
+    def unet_module() -> Any:
+        if "unet" not in unets:
+            unets["unet"] = network_module(source, manifest.graphs[Network.UNET].spec, opts.device, half)
+        return unets["unet"]
+
+    def load(network: Network) -> Graph:
+        if network not in manifest.graphs:
+            raise EngineFolderError(f"the engine folder has no {network.value} graph")
+        spec = manifest.graphs[network].spec
+        if network is Network.UNET:
+            return TorchCudaGraph(spec, unet_module(), opts, opts.cuda_graph)
+        if network is Network.UNET_CFG:
+            from engine.models.torch_modules import GuidedUNet
+
+            return TorchCudaGraph(spec, GuidedUNet(unet_module()).eval(), opts, opts.cuda_graph)
+        if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
+            fp32 = TorchCudaGraph(spec, network_module(source, spec, opts.device, False), opts, False)
+            if not opts.vae_fp16:
+                return fp32
+            fp16 = TorchCudaGraph(spec, network_module(source, spec, opts.device, True), opts, False)
+            return GuardedGraph(fp16, fp32)
+        return TorchCudaGraph(spec, network_module(source, spec, opts.device, half), opts, False)
+
+    return load

@@ -1,0 +1,284 @@
+"""`sd-engine bench`: one command for "how fast is sd-engine on my machine, against what I use today".
+
+    sd-engine bench --preset sd15 --size 256 --contenders diffusers,onnxruntime --runs 3 --out results/
+    sd-engine bench --report results/x.json --compare baseline.json     # re-render / compare, no run
+
+``add_command`` registers the subcommand on the `sd-engine` parser; ``main`` runs it alone
+(benchmarks/run.py). User mistakes raise :class:`EngineError` (one line, exit 1); a regression
+found by ``--compare`` exits with ``EXIT_REGRESSION``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from engine.bench.progress import say
+from engine.errors import EngineError
+
+EXIT_REGRESSION = 3
+DEFAULT_CONTENDERS = "diffusers,onnxruntime"
+MAX_SEED = 2**32 - 1
+
+
+def add_command(subparsers: Any) -> None:
+    """Register `bench` on an argparse subparsers object (``set_defaults(run=run_bench)``)."""
+    cmd = subparsers.add_parser(
+        "bench",
+        help="benchmark sd-engine against diffusers, side by side, per stage",
+        description="Run the same work on several contenders, each in its own process, and report cold "
+        "start, load, warm latency (p50/p90/min/max), per-stage times, it/s, images/s, peak memory and "
+        "each contender's ratio to the first one (the baseline).",
+    )
+    _add_model_arguments(cmd)
+    _add_workload_arguments(cmd)
+    _add_output_arguments(cmd)
+    cmd.set_defaults(run=run_bench)
+
+
+def _add_model_arguments(cmd: argparse.ArgumentParser) -> None:
+    from engine.models.presets import Preset
+
+    group = cmd.add_argument_group("model")
+    group.add_argument("--model", type=Path, metavar="MODEL_DIR", help="a diffusers model folder")
+    group.add_argument(
+        "--preset",
+        choices=[p.value for p in Preset],
+        help="random weights in a real architecture, built once into $SD_ENGINE_HOME/bench",
+    )
+    group.add_argument(
+        "--engine",
+        type=Path,
+        metavar="ENGINE_DIR",
+        help="exported engine folder (default: export into a cache)",
+    )
+    group.add_argument(
+        "--contenders",
+        default=DEFAULT_CONTENDERS,
+        help=f"comma-separated, the first is the baseline (default {DEFAULT_CONTENDERS}); "
+        "also torch, tensorrt",
+    )
+    group.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu)")
+
+
+def _add_workload_arguments(cmd: argparse.ArgumentParser) -> None:
+    group = cmd.add_argument_group("workload (the same for every contender)")
+    group.add_argument("--size", default="256", metavar="N|WxH", help="image size in px (default 256)")
+    group.add_argument("--steps", type=int, default=20, help="(default 20)")
+    group.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
+    group.add_argument("--sampler", default="Euler a", help="(default: Euler a)")
+    group.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    group.add_argument("--runs", type=int, default=3, help="timed runs (default 3)")
+    group.add_argument("--warmup", type=int, default=1, help="untimed runs first; the first is the cold one")
+    group.add_argument("--seed", type=int, default=42, help="image i of a run gets seed + i (default 42)")
+    group.add_argument("--prompts", type=Path, metavar="FILE", help=".txt, .tsv (Prompt column) or .jsonl")
+    group.add_argument("--negative", default="", metavar="TEXT", help="negative prompt (default empty)")
+    group.add_argument(
+        "--no-prewarm", action="store_true", help="do not pre-read model files into the OS file cache"
+    )
+
+
+def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
+    group = cmd.add_argument_group("output")
+    group.add_argument("--out", type=Path, metavar="DIR", help="write NAME.json, .csv, .md (and .png) here")
+    group.add_argument("--name", help="file name stem (default: MACHINE-MODEL-SIZE-DATE)")
+    group.add_argument(
+        "--chart", action="store_true", help="also a PNG of the per-stage breakdown (matplotlib)"
+    )
+    group.add_argument("--compare", type=Path, metavar="BASELINE.json", help="flag regressions against it")
+    group.add_argument(
+        "--threshold", type=float, default=0.10, help="regression threshold, a fraction (default 0.10)"
+    )
+    group.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="RESULT.json",
+        help="re-render saved reports instead of running",
+    )
+    group.add_argument("--summary", type=Path, metavar="FILE.md", help="one markdown table over all reports")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The subcommand; ValueError from validation becomes a one-line EngineError."""
+    try:
+        return _bench(args)
+    except ValueError as error:
+        raise EngineError(str(error)) from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from engine.bench.compare import check_comparable, compare, read_report, render_changes
+    from engine.bench.report import render_terminal
+
+    check_output_options(args)
+    before = read_report(args.compare) if args.compare else None
+    if args.report:
+        reports = [read_report(path) for path in args.report]
+    else:
+        from engine.bench.runner import measure
+
+        config = build_config(args)
+        if before is not None:  # refuse before spending minutes, not after
+            check_comparable(before, {"config": config.to_json()})
+        reports = [measure(config, say)]
+    for report in reports:
+        print(render_terminal(report), flush=True)
+    write_outputs(reports, args)
+    check_failures(reports)
+    if before is None:
+        return 0
+    changes = compare(before, reports[0], args.threshold)
+    print(render_changes(changes, args.threshold), flush=True)
+    return EXIT_REGRESSION if any(c.regressed for c in changes) else 0
+
+
+def check_output_options(args: argparse.Namespace) -> None:
+    from engine.bench.writers import check_chart_support
+
+    if not 0 < args.threshold < 10:
+        raise ValueError(f"--threshold must be a fraction above 0 (0.10 is 10%), got {args.threshold}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out must be a folder, got the file {args.out}")
+    if args.chart and args.out is None:
+        raise ValueError("--chart needs --out DIR")
+    if args.chart:
+        check_chart_support()
+    if args.compare is not None and args.report and len(args.report) > 1:
+        raise ValueError("--compare takes a single --report")
+    if args.report and (args.model or args.preset or args.engine):
+        raise ValueError("--report re-renders saved reports: it takes no --model, --preset or --engine")
+    if args.summary is not None and not args.summary.parent.is_dir():
+        raise ValueError(f"--summary folder does not exist: {args.summary.parent}")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """Validate everything cheap first, then build the model / engine folders if needed."""
+    from engine.bench.config import (
+        BenchConfig,
+        Device,
+        Workload,
+        check_device,
+        check_installed,
+        check_sampler,
+        parse_contenders,
+        parse_size,
+    )
+    from engine.bench.models import ModelChoice, check_choice, prepare
+    from engine.bench.prompts import load_prompts
+
+    contenders = parse_contenders(args.contenders)
+    width, height = parse_size(args.size)
+    check_numbers(args)
+    check_sampler(args.sampler, contenders)
+    check_installed(contenders)
+    check_device(contenders, Device(args.device))
+    prompts = load_prompts(args.prompts)
+    choice = ModelChoice(args.model, args.preset, args.engine)
+    check_choice(choice, contenders)
+    folders = prepare(choice, contenders, say)
+    warn_other_source(folders.model_dir, folders.engine_dir)
+    workload = Workload(
+        prompts=prompts[: args.runs],
+        negative_prompt=args.negative,
+        width=width,
+        height=height,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        sampler=args.sampler,
+        batch_size=args.batch,
+        seed=args.seed,
+    )
+    return BenchConfig(
+        model_dir=folders.model_dir,
+        engine_dir=folders.engine_dir,
+        model_label=folders.label,
+        contenders=contenders,
+        workload=workload,
+        runs=args.runs,
+        warmup=args.warmup,
+        device=Device(args.device),
+        prompt_source=str(args.prompts) if args.prompts else "built-in",
+        prewarm_files=not args.no_prewarm,
+    )
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    from engine.bench.config import check_counts
+
+    check_counts(args.runs, args.warmup, args.steps, args.batch)
+    if not 0 <= args.cfg <= 100:
+        raise ValueError(f"--cfg must be in [0, 100], got {args.cfg}")
+    if not 0 <= args.seed <= MAX_SEED - args.batch + 1:
+        raise ValueError(f"--seed must be in 0..{MAX_SEED - args.batch + 1}, got {args.seed}")
+
+
+def warn_other_source(model_dir: Path, engine_dir: Path | None) -> None:
+    """Same weights on every side: say so when the engine was exported from another folder."""
+    if engine_dir is None:
+        return
+    from engine.manifest import read_manifest
+
+    source = read_manifest(engine_dir).source.get("model_dir")
+    if source and Path(source).resolve() != model_dir.resolve():
+        say(f"warning: {engine_dir} was exported from {source}, not {model_dir}; check the PSNR column")
+
+
+def default_name(report: dict[str, Any]) -> str:
+    from engine.bench.machine import machine_kind
+
+    config = report["config"]
+    w = config["workload"]
+    size = str(w["width"]) if w["width"] == w["height"] else f"{w['width']}x{w['height']}"
+    kind = machine_kind(report["machine"], config["device"])
+    return f"{kind}-{config['model']}-{size}-{report['created'][:10] or date.today().isoformat()}"
+
+
+def write_outputs(reports: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    from engine.bench.report import render_summary
+    from engine.bench.writers import write_chart, write_csv, write_json, write_markdown
+
+    if args.summary is not None:
+        args.summary.write_text(render_summary(reports), encoding="utf-8")
+        say(f"wrote {args.summary}")
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index, report in enumerate(reports):
+        stem = args.name if args.name and len(reports) == 1 else None
+        stem = stem or (args.report[index].stem if args.report else default_name(report))
+        written = [write_json(report, args.out / f"{stem}.json"), write_csv(report, args.out / f"{stem}.csv")]
+        written.append(write_markdown(report, args.out / f"{stem}.md"))
+        if args.chart:
+            written.append(write_chart(report, args.out / f"{stem}.png"))
+        say("wrote " + ", ".join(str(p) for p in written))
+
+
+def check_failures(reports: list[dict[str, Any]]) -> None:
+    failed = [
+        f"{name}: {entry.get('error', 'failed')}"
+        for report in reports
+        for name, entry in report["contenders"].items()
+        if entry["status"] != "ok"
+    ]
+    if failed:
+        raise EngineError("contender failed: " + "; ".join(failed))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`bench` on its own: ``python benchmarks/run.py ARGS`` is ``sd-engine bench ARGS``."""
+    parser = argparse.ArgumentParser(prog="sd-engine")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.run(args))
+    except EngineError as error:
+        print(f"sd-engine bench: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sd-engine bench: interrupted", file=sys.stderr)
+        return 130

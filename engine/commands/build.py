@@ -1,0 +1,141 @@
+"""`sd-engine build`: ONNX engine folder -> TensorRT plans."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.commands.common import parse_size
+from engine.errors import BuildError, EngineError
+from engine.specs import (
+    Network,
+)
+from engine.tensorrt.builder import (
+    DEFAULT_OPT_LEVEL,
+    DEFAULT_WORKSPACE_GIB,
+    GIB,
+    BuildSettings,
+    VaePrecision,
+    build_engine,
+)
+from engine.tensorrt.profiles import ProfileKind, make_profiles
+
+
+def settings_from_args(args: argparse.Namespace) -> BuildSettings:
+    """Typed settings from the parsed command line (argparse stays out of library code)."""
+    profiles = make_profiles(
+        ProfileKind(args.profile), args.batch, args.size, args.max_tokens, args.min_size, args.max_size
+    )
+    if args.workspace <= 0:
+        raise BuildError(f"--workspace must be positive, got {args.workspace}")
+    return BuildSettings(
+        profiles=profiles,
+        networks=tuple(Network(n) for n in args.networks) if args.networks else None,
+        vae_precision=VaePrecision(args.vae),
+        refit=args.refit,
+        workspace_bytes=int(args.workspace * GIB),
+        optimization_level=args.opt_level,
+        timing_cache=args.timing_cache,
+        force=args.force,
+        no_rebuild=args.no_rebuild,
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    results = build_engine(args.engine_dir, settings, progress=say, device=args.device)
+    for result in results:
+        parity = result.parity
+        say(
+            f"  {result.target.name:20s} {'built' if result.built else 'cached'} {result.seconds:7.1f} s  "
+            f"rel L2 {parity.get('worst_rel_l2', float('nan')):.2e}  {result.path}"
+        )
+    return 0
+
+
+def add_command(subparsers: Any) -> None:
+    """Register ``build`` on the CLI's subparsers; its ``run`` returns the exit code."""
+    cmd = subparsers.add_parser(
+        "build",
+        help="ONNX engine folder -> TensorRT fp16 plans (needs tensorrt and an NVIDIA GPU)",
+        description="Build parity-gated TensorRT plans into ENGINE_DIR/tensorrt, reusing cached plans "
+        "whose key (ONNX hash, precision, profiles, flags, TensorRT version, GPU) matches.",
+    )
+    cmd.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR")
+    _add_profile_options(cmd)
+    cmd.add_argument("--networks", nargs="+", choices=[n.value for n in Network], help="default: all")
+    cmd.add_argument(
+        "--vae",
+        choices=[v.value for v in VaePrecision],
+        default="fp32",
+        help="fp32 (default) or fp16 with an fp32 fallback on overflow",
+    )
+    cmd.add_argument("--refit", action="store_true", help="refittable plans (for LoRA weights later)")
+    cmd.add_argument("--timing-cache", type=Path, metavar="PATH", help="persistent timing cache file")
+    cmd.add_argument(
+        "--workspace",
+        type=float,
+        default=DEFAULT_WORKSPACE_GIB,
+        metavar="GIB",
+        help=f"builder workspace limit in GiB (default {DEFAULT_WORKSPACE_GIB:g})",
+    )
+    cmd.add_argument(
+        "--opt-level",
+        type=int,
+        default=DEFAULT_OPT_LEVEL,
+        choices=range(6),
+        help="TensorRT builder optimization level 0-5 (default 3)",
+    )
+    cmd.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    cmd.add_argument("--force", action="store_true", help="rebuild even when the cached plan matches")
+    cmd.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a stale plan")
+    cmd.set_defaults(run=cmd_build)
+
+
+def _add_profile_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--profile",
+        choices=[k.value for k in ProfileKind],
+        default="static",
+        help="static: min = opt = max per batch and size (fastest); dynamic: one range",
+    )
+    cmd.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="images per request to cover (default 1); the first is the dynamic opt",
+    )
+    cmd.add_argument(
+        "--size",
+        type=parse_size,
+        nargs="+",
+        default=[(512, 512)],
+        metavar="WxH",
+        help="image sizes to cover (default 512x512); the first is the dynamic opt",
+    )
+    cmd.add_argument("--min-size", type=parse_size, metavar="WxH", help="dynamic: smallest image")
+    cmd.add_argument("--max-size", type=parse_size, metavar="WxH", help="dynamic: largest image")
+    cmd.add_argument("--max-tokens", type=int, default=77, help="longest prompt in tokens, a multiple of 77")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.build_trt ENGINE_DIR ...``: the build command without the full CLI."""
+    parser = argparse.ArgumentParser(prog="sd-engine")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["build", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except EngineError as error:
+        print(f"sd-engine: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,58 @@
+"""`sd-engine export MODEL ENGINE_DIR`: parity-gated ONNX graphs."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.commands.common import say
+from engine.logs import quiet_libraries
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.export import ExportSettings, export_model
+    from engine.specs import Network, Precision
+
+    quiet_libraries()
+    networks = tuple(Network(n) for n in args.networks) if args.networks else tuple(Network)
+    settings = ExportSettings(
+        precision=Precision.FP16 if args.fp16 else Precision.FP32,
+        networks=networks,
+        overwrite=args.overwrite,
+    )
+    start = time.perf_counter()
+    result = export_model(args.model_dir, args.engine_dir, settings, progress=say)
+    elapsed = time.perf_counter() - start
+    say(f"exported {len(result.manifest.graphs)} graphs to {result.engine_dir} in {elapsed:.1f} s")
+    for network, entry in result.manifest.graphs.items():
+        say(f"  {network.value:13s} {entry.precision.value}  {parity_line(entry.parity)}")
+        if entry.onnxruntime is not None:
+            variant = entry.onnxruntime
+            say(f"    {variant.file} ({variant.rewrite})  {parity_line(variant.parity)}")
+    return 0
+
+
+def parity_line(parity: Mapping[str, Any]) -> str:
+    return (
+        f"rel L2 {parity['worst_rel_l2']:.2e}  max abs {parity['worst_max_abs']:.2e}  "
+        f"min PSNR {parity['min_psnr_db']:.1f} dB"
+    )
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    from engine.specs import Network
+
+    cmd = commands.add_parser("export", help="diffusers folder -> parity-gated ONNX engine folder")
+    cmd.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    cmd.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR")
+    cmd.add_argument(
+        "--fp16", action="store_true", help="fp16 text encoder and UNet (for GPUs); VAE stays fp32"
+    )
+    cmd.add_argument(
+        "--networks", nargs="+", choices=[n.value for n in Network], help="export only these (default: all)"
+    )
+    cmd.add_argument("--overwrite", action="store_true", help="replace an existing ENGINE_DIR")
+    cmd.set_defaults(run=cmd_export)

@@ -1,0 +1,222 @@
+"""`sd-engine generate`: prompt -> PNG with A1111 infotext."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from PIL import Image
+from engine.commands.common import SWITCH, parse_size, say
+from engine.errors import EngineError
+from engine.logs import quiet_libraries
+
+DEFAULT_SIZE = (512, 512)
+
+
+DEFAULT_ENGINE_SIZE = (64, 64)  # the built-in tiny engine: small images, fast
+
+
+BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt", "openvino")
+
+
+CPU_BACKENDS = ("torch", "openvino")
+
+
+BAR_WIDTH = 30
+
+
+RANDOM_SEED_LIMIT = 2**31  # random seeds stay far from the 2**32 - 1 limit, whatever the batch
+
+
+log = logging.getLogger("sd-engine")
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """out.png for the first image, then out-1.png, out-2.png, ... for the rest of a batch."""
+    return [output if i == 0 else output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def render_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
+    done = width * step // total if total else width
+    return f"[{'#' * done}{'.' * (width - done)}] {step}/{total} steps"
+
+
+class ProgressBar:
+    """A one-line step counter, redrawn in place on a terminal; silent when the stream is not one."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.drawn = False
+
+    def __call__(self, info: Any) -> None:
+        if self.enabled:
+            self.stream.write("\r" + render_bar(info.step, info.total))
+            self.stream.flush()
+            self.drawn = True
+
+    def close(self) -> None:
+        """End the bar's line, so whatever is printed next starts on its own line."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def open_init_image(path: Path) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise EngineError(f"init image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise EngineError(f"cannot read init image {path}: {error}") from None
+
+
+def check_output(output: Path) -> None:
+    """Refuse a bad output path before spending minutes on generation."""
+    if output.suffix.lower() != ".png":
+        raise EngineError(f"output must be a .png file, got {output}")
+    if not output.parent.is_dir():
+        raise EngineError(f"output folder does not exist: {output.parent}")
+    if output.is_dir():
+        raise EngineError(f"output path is a folder: {output}")
+
+
+def resolve_engine(engine_dir: Path | None) -> tuple[Path, bool]:
+    """The engine folder to use and whether it is the built-in default (built on first use)."""
+    if engine_dir is not None:
+        return engine_dir, False
+    from engine.commands.default_engine import (
+        check_build_dependencies,
+        default_engine_ready,
+        ensure_default_engine,
+    )
+
+    if not default_engine_ready():
+        check_build_dependencies()
+        quiet_libraries()
+    return ensure_default_engine(progress=say), True
+
+
+def generation_settings(args: argparse.Namespace, is_default: bool, image: Any) -> dict[str, Any]:
+    width, height = args.size or (DEFAULT_ENGINE_SIZE if is_default else DEFAULT_SIZE)
+    seed = secrets.randbelow(RANDOM_SEED_LIMIT) if args.seed is None else args.seed
+    return {
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "guidance_scale": args.cfg,
+        "width": width,
+        "height": height,
+        "sampler": args.sampler,
+        "seed": seed,
+        "batch_size": args.batch,
+        "image": image,
+        "strength": args.strength,
+        "clip_skip": args.clip_skip,
+    }
+
+
+def save_images(result: Any, output: Path) -> list[Path]:
+    """One PNG per image, each with its own seed and batch position in the infotext."""
+    from engine.infotext import format_infotext, save_png
+
+    paths = output_paths(output, len(result.images))
+    for pos, (image, seed, path) in enumerate(zip(result.images, result.seeds, paths, strict=True)):
+        params = {**result.parameters, "seed": seed, "batch_pos": pos}
+        try:
+            save_png(image, path, format_infotext(params))
+        except OSError as error:
+            raise EngineError(f"cannot write {path}: {error.strerror or error}") from None
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.pipeline import Pipeline
+
+    check_output(args.output)
+    image = open_init_image(args.init_image) if args.init_image is not None else None
+    engine_dir, is_default = resolve_engine(args.engine_dir)
+    start = time.perf_counter()
+    pipe = Pipeline.load(
+        engine_dir, backend=args.backend, fused_cfg=SWITCH[args.fused_cfg], **backend_options(args)
+    )
+    log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)
+    bar = ProgressBar(sys.stderr)
+    try:
+        result = pipe.generate(args.prompt, callback=bar, **generation_settings(args, is_default, image))
+    except ValueError as error:
+        raise EngineError(str(error)) from None
+    finally:
+        bar.close()
+    log.info("timings (ms): %s", ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
+    paths = save_images(result, args.output)
+    elapsed = time.perf_counter() - start
+    for path, seed in zip(paths, result.seeds, strict=True):
+        print(f"{path}  seed {seed}  {elapsed:.1f} s", flush=True)
+    return 0
+
+
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--cuda-graph for the backends that have CUDA graphs (auto: the backend's default)."""
+    wanted = SWITCH[args.cuda_graph]
+    if wanted is None:
+        return {}
+    if args.backend in CPU_BACKENDS:
+        raise EngineError(f"--cuda-graph: the {args.backend} backend runs on the CPU; use a GPU backend")
+    return {"cuda_graph": wanted}
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    cmd = commands.add_parser(
+        "generate",
+        help="prompt -> PNG (no ENGINE_DIR: the built-in tiny engine, built on first use)",
+        description="Generate images. Without ENGINE_DIR, the tiny random-weight preset is built and "
+        "exported on first use into $SD_ENGINE_HOME (default ~/.cache/sd-engine) and reused.",
+    )
+    cmd.add_argument(
+        "engine_dir", type=Path, nargs="?", metavar="ENGINE_DIR", help="an exported engine folder"
+    )
+    cmd.add_argument("prompt", metavar="PROMPT")
+    cmd.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    cmd.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    cmd.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    cmd.add_argument(
+        "--size", type=parse_size, metavar="WxH", help="default 512x512; 64x64 for the built-in engine"
+    )
+    cmd.add_argument("--sampler", default="Euler a", help="see `sd-engine samplers` (default: Euler a)")
+    cmd.add_argument("--seed", type=int, help="image i gets seed + i (default: random, reported)")
+    cmd.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    cmd.add_argument("--init-image", type=Path, metavar="IMG", help="img2img: start from this image")
+    cmd.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength (default 0.8)")
+    cmd.add_argument("--clip-skip", type=int, default=1, help="1 or 2 (default 1)")
+    cmd.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default onnxruntime)")
+    cmd.add_argument(
+        "--fused-cfg",
+        choices=list(SWITCH),
+        default="auto",
+        help="guidance inside the unet_cfg graph (auto: when the engine folder has it)",
+    )
+    cmd.add_argument(
+        "--cuda-graph",
+        choices=list(SWITCH),
+        default="auto",
+        help="replay the UNet as a CUDA graph (auto: on for torch-cuda and tensorrt, off for onnxruntime)",
+    )
+    cmd.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        metavar="OUT.png",
+        help="default out.png; a batch writes OUT.png, OUT-1.png, OUT-2.png, ...",
+    )
+    cmd.set_defaults(run=cmd_generate)

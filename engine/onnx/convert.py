@@ -1,0 +1,390 @@
+"""Export a diffusers SD folder to an engine folder: ONNX graphs, tokenizer, manifest.
+
+One ``convert_network`` per network through the thin wrappers of :mod:`engine.models.torch_modules`, each
+ending in a parity gate (ONNX Runtime vs torch on fresh random inputs at two shapes) that raises
+with the numbers. Everything is written into a temporary folder that is renamed into place only
+when every graph passed, so an interrupted export never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import EngineError, ParityError
+from engine.fsutil import staged_folder
+from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_manifest
+from engine.models.folder import ModelFolder, inspect_model_folder
+from engine.onnx.attention_fusion import write_fused
+from engine.onnx.cfg_graph import derive_cfg_graph
+from engine.parity import compare, summarize_parity
+from engine.specs import (
+    GraphSpec,
+    ModelDims,
+    Network,
+    Precision,
+    axis_sizes,
+    graph_specs,
+    sample_inputs,
+    unet_cfg_spec,
+)
+
+log = logging.getLogger(__name__)
+
+
+OPSET = 18
+
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit: bigger graphs keep weights in one side file
+
+
+# Relative L2 error a graph may have against torch, by precision.
+PARITY_THRESHOLDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2}
+
+
+# (batch, latent height, latent width, text sequence) to trace at: no axis of size 1 anywhere in
+# the UNet, since the tracer would specialize it.
+TRACE_SHAPE = (2, 24, 16, 77)
+
+
+# Graphs that get an ONNX Runtime variant with attention fused (their weights live in a shared file).
+ATTENTION_FUSED = (Network.UNET, Network.UNET_CFG)
+
+
+# Parity shapes: the second has latent sides that are not multiples of 8 and a 2-chunk text.
+PARITY_SHAPES = ((2, 8, 8, 77), (1, 9, 7, 154))
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    precision: Precision = Precision.FP32
+    networks: tuple[Network, ...] = tuple(Network)
+    overwrite: bool = False
+    # fp16 graphs keep the VAE in fp32: the SD VAE overflows in fp16.
+    fp32_networks: tuple[Network, ...] = (Network.VAE_DECODER, Network.VAE_ENCODER)
+    parity_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        ordered = tuple(n for n in Network if n in self.networks)  # unet before the unet_cfg derived from it
+        object.__setattr__(self, "networks", ordered)
+        if Network.UNET_CFG in ordered and Network.UNET not in ordered:
+            raise EngineError("the unet_cfg graph is derived from the unet graph: export unet with it")
+
+    def precision_of(self, network: Network) -> Precision:
+        return Precision.FP32 if network in self.fp32_networks else self.precision
+
+    def threshold(self, precision: Precision) -> float:
+        return self.parity_threshold if self.parity_threshold is not None else PARITY_THRESHOLDS[precision]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    engine_dir: Path
+    manifest: Manifest
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+def model_dims(folder: ModelFolder) -> ModelDims:
+    unet, vae, text = folder.configs["unet"], folder.configs["vae"], folder.configs["text_encoder"]
+    return ModelDims(
+        latent_channels=int(unet.get("in_channels", 4)),
+        text_hidden_size=int(text["hidden_size"]),
+        text_max_length=int(text.get("max_position_embeddings", 77)),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+    )
+
+
+def export_model(
+    model_dir: str | Path,
+    engine_dir: str | Path,
+    settings: ExportSettings = ExportSettings(),
+    progress: Callable[[str], None] = log.info,
+) -> ExportResult:
+    """Validate, convert every network, gate each on parity, then move the folder into place."""
+    folder = inspect_model_folder(model_dir)
+    target = Path(engine_dir).absolute()
+    with staged_folder(target, settings.overwrite) as tmp:
+        manifest, seconds = _export_into(folder, tmp, settings, progress)
+    return ExportResult(target, manifest, seconds)
+
+
+def _export_into(
+    folder: ModelFolder, out: Path, settings: ExportSettings, progress: Callable[[str], None]
+) -> tuple[Manifest, dict[str, float]]:
+    from engine.models.torch_modules import load_source_model
+
+    start = time.perf_counter()
+    source = load_source_model(folder)
+    seconds = {"load": time.perf_counter() - start}
+    dims = model_dims(folder)
+    specs = graph_specs(dims)
+    shutil.copytree(folder.root / "tokenizer", out / TOKENIZER_DIR)
+    vocab_size = int(folder.configs["text_encoder"].get("vocab_size", 49408))
+    graphs: dict[Network, GraphEntry] = {}
+    for network in settings.networks:
+        progress(f"exporting {network.value}")
+        start = time.perf_counter()
+        module = source.wrapper(network)
+        if network is Network.UNET_CFG:
+            graphs[network] = derive_cfg_network(
+                module, graphs[Network.UNET], out, settings, dims, vocab_size
+            )
+        else:
+            graphs[network] = convert_network(
+                network, module, specs[network], out, settings, dims, vocab_size
+            )
+        if network in ATTENTION_FUSED:
+            graphs[network] = with_fused_attention(graphs[network], module, out, settings, dims, vocab_size)
+        seconds[network.value] = time.perf_counter() - start
+        parity = graphs[network].parity
+        progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
+    manifest = build_manifest(folder, dims, graphs)
+    write_manifest(out, manifest)
+    return manifest, seconds
+
+
+def build_manifest(folder: ModelFolder, dims: ModelDims, graphs: dict[Network, GraphEntry]) -> Manifest:
+    scheduler = dict(folder.configs["scheduler"])
+    return Manifest(
+        model_family=folder.family,
+        prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+        dims=dims,
+        scaling_factor=float(folder.configs["vae"].get("scaling_factor", 0.18215)),
+        scheduler_config=scheduler,
+        graphs=graphs,
+        source={
+            "model_dir": str(folder.root.absolute()),
+            "pipeline_class": folder.pipeline_class,
+            "variant": folder.variant,
+            "weights": {name: str(w.path.absolute()) for name, w in folder.weights.items()},
+        },
+    )
+
+
+def derive_cfg_network(
+    module: Any, unet: GraphEntry, out: Path, settings: ExportSettings, dims: ModelDims, vocab_size: int
+) -> GraphEntry:
+    """unet_cfg.onnx rewritten from the exported UNet (sharing its weights file), then gated."""
+    fused = unet_cfg_spec(dims)
+    derive_cfg_graph(out / unet.file, out / f"{fused.network.value}.onnx", unet.spec, fused)
+    return gated_entry(module, fused, out, unet.external_data, settings, dims, vocab_size)
+
+
+def with_fused_attention(
+    entry: GraphEntry,
+    module: Any,
+    out: Path,
+    settings: ExportSettings,
+    dims: ModelDims,
+    vocab_size: int,
+) -> GraphEntry:
+    """The entry plus its ONNX Runtime variant (attention fused), when the graph has attention to fuse."""
+    path = out / entry.file
+    target = path.with_name(f"{path.stem}.ort.onnx")
+    count = write_fused(path, target)
+    if not count:
+        return entry
+    precision = settings.precision_of(entry.spec.network)
+    parity = parity_gate(module, entry.spec, target, dims, vocab_size, settings.threshold(precision))
+    external = [out / entry.external_data] if entry.external_data else []
+    variant = Variant(
+        file=target.name,
+        sha256=hash_files([target, *external]),
+        rewrite=f"{count} attentions -> com.microsoft.MultiHeadAttention",
+        parity=parity,
+    )
+    return dataclasses.replace(entry, onnxruntime=variant)
+
+
+def convert_network(
+    network: Network,
+    module: Any,
+    spec: GraphSpec,
+    out: Path,
+    settings: ExportSettings,
+    dims: ModelDims,
+    vocab_size: int,
+) -> GraphEntry:
+    """torch module -> ONNX file in ``out``, checked against torch before it is accepted."""
+    precision = settings.precision_of(network)
+    graph_module = fp16_boundary(module) if precision is Precision.FP16 else module
+    path = out / f"{network.value}.onnx"
+    external = export_onnx(graph_module, spec, path, dims, vocab_size)
+    name_dynamic_axes(path, spec)
+    return gated_entry(module, spec, out, external, settings, dims, vocab_size)
+
+
+def gated_entry(
+    module: Any,
+    spec: GraphSpec,
+    out: Path,
+    external: str | None,
+    settings: ExportSettings,
+    dims: ModelDims,
+    vocab_size: int,
+) -> GraphEntry:
+    """The manifest entry of ``out/<network>.onnx`` once it matched its torch reference."""
+    precision = settings.precision_of(spec.network)
+    path = out / f"{spec.network.value}.onnx"
+    parity = parity_gate(module, spec, path, dims, vocab_size, settings.threshold(precision))
+    return GraphEntry(
+        file=path.name,
+        sha256=hash_files([path] + ([out / external] if external else [])),
+        spec=spec,
+        precision=precision,
+        external_data=external,
+        parity=parity,
+        exporter=tool_versions(),
+    )
+
+
+def export_onnx(module: Any, spec: GraphSpec, path: Path, dims: ModelDims, vocab_size: int) -> str | None:
+    """Dynamo export (opset 18) with every symbolic axis dynamic; returns the external data file name."""
+    import torch
+
+    batch, height, width, sequence = TRACE_SHAPE
+    sizes = axis_sizes(batch, height, width, dims.vae_scale_factor, sequence)
+    feeds = sample_inputs(spec, sizes, np.random.default_rng(0), vocab_size)
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+    auto = torch.export.Dim.AUTO
+    dynamic_shapes: list[Any] = [
+        {axis: auto for axis, dim in enumerate(t.dims) if isinstance(dim, str)} for t in spec.inputs
+    ]
+    if takes_varargs(module):
+        dynamic_shapes = [tuple(dynamic_shapes)]
+    external = parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=dynamic_shapes,
+            external_data=external,
+            verbose=False,
+        )
+    return f"{path.name}.data" if external else None
+
+
+def takes_varargs(module: Any) -> bool:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+
+
+def parameter_bytes(module: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def name_dynamic_axes(path: Path, spec: GraphSpec) -> None:
+    """Rename the exporter's symbolic dims (s17, s53, ...) to the spec's axis names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    renames: dict[str, str] = {}
+    for value, tensor in zip(
+        list(model.graph.input) + list(model.graph.output), spec.inputs + spec.outputs, strict=True
+    ):
+        for dim_proto, dim in zip(value.type.tensor_type.shape.dim, tensor.dims, strict=True):
+            if isinstance(dim, str) and dim_proto.dim_param:
+                renames.setdefault(dim_proto.dim_param, dim)
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim_proto in value.type.tensor_type.shape.dim:
+            if dim_proto.dim_param in renames:
+                dim_proto.dim_param = renames[dim_proto.dim_param]
+    onnx.save(model, str(path))
+
+
+def fp16_boundary(module: Any) -> Any:
+    """A half-precision copy of the module whose graph still takes and returns float32."""
+    import copy
+
+    import torch
+
+    class Fp16Boundary(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = copy.deepcopy(inner).half()
+
+        def forward(self, *args: torch.Tensor) -> Any:
+            halves = [a.half() if a.is_floating_point() else a for a in args]
+            out = self.inner(*halves)
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    return Fp16Boundary(module).eval()
+
+
+def parity_gate(
+    module: Any, spec: GraphSpec, path: Path, dims: ModelDims, vocab_size: int, threshold: float
+) -> dict[str, Any]:
+    """Run torch and ONNX Runtime on fresh random inputs at two shapes; raise if they disagree."""
+    from engine.backends.onnxruntime import OnnxRuntimeBackend
+
+    graph = OnnxRuntimeBackend().load(path, spec)
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    reports = []
+    for batch, height, width, sequence in PARITY_SHAPES:
+        sizes = axis_sizes(batch, height, width, dims.vae_scale_factor, sequence)
+        feeds = sample_inputs(spec, sizes, rng, vocab_size)
+        expected = run_torch(module, spec, feeds)
+        actual = graph.run(feeds)
+        for name in spec.output_names:
+            reports.append(compare(expected[name], actual[name], sizes))
+    result = summarize_parity(reports, threshold, seed)
+    worst = max(reports, key=lambda r: r.rel_l2)
+    if not result["passed"]:
+        raise ParityError(
+            f"{spec.network.value}: ONNX Runtime disagrees with torch: rel L2 {worst.rel_l2:.3e} > "
+            f"{threshold:.1e} (max abs {worst.max_abs:.3e}, sizes {dict(worst.sizes)}, seed {seed})"
+        )
+    return result
+
+
+def run_torch(module: Any, spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
+    outputs = out if isinstance(out, tuple) else (out,)
+    return {name: o.float().numpy() for name, o in zip(spec.output_names, outputs, strict=True)}
+
+
+def hash_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "opset": str(OPSET),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -1,0 +1,318 @@
+"""txt2img and img2img over an engine folder: the same images as diffusers for the same seed.
+
+Stages are small functions (encode prompts, prepare latents, denoise, decode) over the graphs of a
+backend; the host work is NumPy (schedulers, guidance, the torch-compatible RNG), so the loop is
+the same whatever runs the networks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import schedulers
+from engine.errors import Cancelled, EngineError
+from engine.manifest import Manifest, read_manifest
+from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
+from engine.pipeline.images import image_to_array, to_pil
+from engine.pipeline.request import GenerationRequest, StepInfo, make_request, validate
+from engine.rng import TorchGenerator, randn_batch, seeded_generators
+from engine.runtime import Graph
+from engine.specs import Network
+from engine.text.conditioning import EmbeddingCache
+from engine.text.tokenizer import ClipTokenizer
+
+__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
+
+
+class BackendName(str, Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"  # the source model on the CPU: the reference path
+    TORCH_CUDA = "torch-cuda"  # fp16 on an NVIDIA GPU, UNet replayed as a CUDA graph
+    TENSORRT = "tensorrt"
+    OPENVINO = "openvino"  # the CPU in bf16 (AMX / AVX512-BF16): about 3x fp32 ONNX Runtime
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Any]  # PIL.Image.Image
+    seeds: list[int]
+    parameters: dict[str, Any]
+    timings: dict[str, float]  # milliseconds
+    latents: np.ndarray | None = field(default=None, repr=False)  # final latents, before the VAE
+
+
+def open_graphs(
+    engine_dir: Path, manifest: Manifest, backend: BackendName, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
+    """A loader for one network's graph on the chosen backend."""
+    if backend is BackendName.ONNXRUNTIME:
+        from engine.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
+        from engine.backends.options import parse_backend_options
+
+        ort = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
+        cache_dir = engine_dir / ".cache" / "onnxruntime"
+
+        def load(network: Network) -> Graph:
+            entry = manifest.graphs[network]
+            chosen = entry.onnxruntime if entry.onnxruntime and ort.options.fused_attention else entry
+            return ort.load(
+                engine_dir / chosen.file, entry.spec, cache_dir=cache_dir, content_hash=chosen.sha256
+            )
+
+        return load
+    if backend is BackendName.TORCH:
+        from engine.backends.torch_cpu import TorchBackend
+
+        return TorchBackend.from_manifest(manifest, **options).load
+    if backend is BackendName.TORCH_CUDA:
+        from engine.backends.torch_cuda import open_torch_cuda
+
+        return open_torch_cuda(manifest, **options)
+    if backend is BackendName.OPENVINO:
+        from engine.backends.openvino import open_openvino
+
+        return open_openvino(engine_dir, manifest, **options)
+    from engine.backends.tensorrt import open_tensorrt
+
+    return open_tensorrt(engine_dir, manifest, **options)
+
+
+class Pipeline:
+    """Generate images from an engine folder on one backend."""
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        manifest: Manifest,
+        load_graph: Callable[[Network], Graph],
+        fused_cfg: bool | None = None,
+    ) -> None:
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.tokenizer = ClipTokenizer.from_folder(engine_dir / manifest.tokenizer_dir)
+        self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, fused_cfg)
+        self._load_graph = load_graph
+        self._graphs: dict[Network, Graph] = {}
+        self.embeddings = EmbeddingCache()
+        unet = Network.UNET_CFG if self.fused_cfg else Network.UNET
+        for network in (Network.TEXT_ENCODER, unet, Network.VAE_DECODER):
+            self.graph(network)
+
+    @classmethod
+    def load(
+        cls,
+        engine_dir: str | Path,
+        backend: str = "onnxruntime",
+        fused_cfg: bool | None = None,
+        **options: Any,
+    ) -> Pipeline:
+        """Open an engine folder on a backend (options go to the backend).
+
+        fused_cfg: run classifier-free guidance inside the ``unet_cfg`` graph (B latents in, B guided
+        noises out) instead of combining 2B predictions on the host. None: whenever the engine folder
+        has that graph. Requests with guidance off or guidance_rescale > 0 use the plain UNet.
+        """
+        root = Path(engine_dir)
+        manifest = read_manifest(root)
+        try:
+            name = BackendName(backend)
+        except ValueError:
+            valid = ", ".join(b.value for b in BackendName)
+            raise EngineError(f"unknown backend {backend!r}; valid backends: {valid}") from None
+        return cls(root, manifest, open_graphs(root, manifest, name, options), fused_cfg)
+
+    def graph(self, network: Network) -> Graph:
+        """A network's graph, loaded on first use (the VAE encoder only for img2img)."""
+        if network not in self._graphs:
+            if network not in self.manifest.graphs:
+                raise EngineError(f"engine folder {self.engine_dir} has no {network.value} graph")
+            self._graphs[network] = self._load_graph(network)
+        return self._graphs[network]
+
+    @property
+    def model_hash(self) -> str:
+        """A1111-style short hash: the first 10 hex digits of the UNet graph's sha256."""
+        return self.manifest.graphs[Network.UNET].sha256[:10]
+
+    def generate(
+        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = "", **settings: Any
+    ) -> GenerationResult:
+        """Make images; see :class:`engine.pipeline.request.GenerationRequest` for the settings."""
+        dims = self.manifest.dims
+        request = make_request(
+            prompt,
+            negative_prompt,
+            vae_scale_factor=dims.vae_scale_factor,
+            latent_channels=dims.latent_channels,
+            **settings,
+        )
+        return self.run(request)
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        validate(request, self.manifest.dims.vae_scale_factor, self.manifest.dims.latent_channels)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        sched = schedulers.create(request.sampler, self.manifest.scheduler_config)
+        sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
+        generators = seeded_generators(request.seed, request.num_images)
+        context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
+        latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
+        latents = self.denoise(request, sched, latents, context, generators, timings)
+        pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
+        images = to_pil(pixels)
+        timings["total"] = (time.perf_counter() - start) * 1000
+        return GenerationResult(images, request.seeds, self.parameters(request, sched.name), timings, latents)
+
+    @staticmethod
+    def timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        value = work()
+        timings[name] = (time.perf_counter() - start) * 1000
+        return value
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def encode_text(self, texts: Sequence[str], clip_skip: int) -> np.ndarray:
+        """Embeddings (N, 77, D) for texts, from the LRU where possible."""
+        missing = list(dict.fromkeys(t for t in texts if self.embeddings.get((t, clip_skip)) is None))
+        if missing:
+            ids = self.tokenizer.encode(missing)
+            out = self.graph(Network.TEXT_ENCODER).run({"input_ids": ids})
+            hidden = out["penultimate_hidden_state" if clip_skip == 2 else "last_hidden_state"]
+            for text, embedding in zip(missing, hidden, strict=True):
+                self.embeddings.put((text, clip_skip), embedding)
+        return np.stack([self.embeddings.get((t, clip_skip)) for t in texts])
+
+    def encode_prompts(self, request: GenerationRequest) -> np.ndarray:
+        """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
+        positives = self.encode_text(request.prompts, request.clip_skip).repeat(request.batch_size, axis=0)
+        if not request.do_cfg:
+            return positives
+        negatives = self.encode_text(request.negative_prompts, request.clip_skip).repeat(
+            request.batch_size, axis=0
+        )
+        return np.concatenate([negatives, positives])
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
+        dims = self.manifest.dims
+        factor = dims.vae_scale_factor
+        return (request.num_images, dims.latent_channels, request.height // factor, request.width // factor)
+
+    def prepare_latents(
+        self, request: GenerationRequest, sched: schedulers.Scheduler, generators: list[TorchGenerator]
+    ) -> np.ndarray:
+        """Initial latents the way diffusers draws them from per-image generators."""
+        shape = self.latent_shape(request)
+        if request.is_img2img:
+            clean = self.encode_image(request, generators)
+            noise = randn_batch(generators, shape) if request.latents is None else request.latents
+            return sched.add_noise(clean, noise.astype(np.float32), 0).astype(np.float32)
+        noise = (
+            randn_batch(generators, shape) if request.latents is None else request.latents.astype(np.float32)
+        )
+        return (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+
+    def encode_image(self, request: GenerationRequest, generators: list[TorchGenerator]) -> np.ndarray:
+        """img2img: a posterior sample per image (one draw from each generator), scaled."""
+        pixels = image_to_array(request.image, request.width, request.height)
+        encoder = self.graph(Network.VAE_ENCODER)
+        posterior = encoder.run({"image": pixels})
+        mean, std = posterior["latent_mean"], posterior["latent_std"]
+        draws = [g.randn(mean.shape) for g in generators]
+        sample = np.concatenate([mean + std * d for d in draws])
+        return (sample * np.float32(self.manifest.scaling_factor)).astype(np.float32)
+
+    def denoise(
+        self,
+        request: GenerationRequest,
+        sched: schedulers.Scheduler,
+        latents: np.ndarray,
+        context: np.ndarray,
+        generators: list[TorchGenerator],
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """The sampling loop: scale, UNet (both CFG halves in one call) and guidance, step."""
+        fused = self.uses_fused_cfg(request)
+        unet = self.graph(Network.UNET_CFG if fused else Network.UNET)
+        unet_ms: list[float] = []
+        host_ms: list[float] = []
+        total = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            begin = time.perf_counter()
+            model_in = sched.scale_model_input(latents, i).astype(np.float32)
+            feeds = (
+                fused_feeds(model_in, t, context, request)
+                if fused
+                else unet_feeds(model_in, t, context, request)
+            )
+            middle = time.perf_counter()
+            outputs = unet.run(feeds)
+            after = time.perf_counter()
+            guided = outputs["guided_noise"] if fused else guide(outputs["noise_pred"], request)
+            noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
+            latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
+            end = time.perf_counter()
+            unet_ms.append((after - middle) * 1000)
+            host_ms.append((middle - begin + end - after) * 1000)
+            notify(request, StepInfo(i + 1, total, float(t)))
+        timings["unet_total"] = sum(unet_ms)
+        timings["unet_per_step"] = float(np.mean(unet_ms)) if unet_ms else 0.0
+        timings["scheduler_per_step"] = float(np.mean(host_ms)) if host_ms else 0.0
+        return latents
+
+    def uses_fused_cfg(self, request: GenerationRequest) -> bool:
+        """Whether a request runs the fused-guidance graph (it cannot rescale)."""
+        return self.fused_cfg and request.do_cfg and request.guidance_rescale == 0
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        scaled = (latents / np.float32(self.manifest.scaling_factor)).astype(np.float32)
+        return self.graph(Network.VAE_DECODER).run({"latent": scaled})["image"]
+
+    @property
+    def model_name(self) -> str:
+        """The source model folder's name (what A1111 shows as Model), else the engine folder's."""
+        source = self.manifest.source.get("model_dir")
+        return Path(source).name if source else self.engine_dir.resolve().name
+
+    def parameters(self, request: GenerationRequest, sampler: str) -> dict[str, Any]:
+        return {
+            "prompt": request.prompts[0] if len(request.prompts) == 1 else list(request.prompts),
+            "negative_prompt": request.negative_prompts[0]
+            if len(request.negative_prompts) == 1
+            else list(request.negative_prompts),
+            "steps": request.steps,
+            "sampler": sampler,
+            "guidance_scale": request.guidance_scale,
+            "guidance_rescale": request.guidance_rescale,
+            "seed": request.seed,
+            "width": request.width,
+            "height": request.height,
+            "clip_skip": request.clip_skip,
+            "strength": request.strength if request.is_img2img else None,
+            "batch_size": request.batch_size,
+            "model_hash": self.model_hash,
+            "model_name": self.model_name,
+        }
+
+
+def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None) -> bool:
+    """None: fused when the engine folder has the graph; True: required; False: never."""
+    present = Network.UNET_CFG in manifest.graphs
+    if wanted and not present:
+        raise EngineError(
+            f"engine folder {engine_dir} has no {Network.UNET_CFG.value} graph for fused guidance; "
+            "re-export it with `sd-engine export` (or turn fused guidance off)"
+        )
+    return present if wanted is None else wanted
+
+
+def notify(request: GenerationRequest, info: StepInfo) -> None:
+    if request.callback is not None and request.callback(info) is False:
+        raise Cancelled(f"generation cancelled at step {info.step}/{info.total}")

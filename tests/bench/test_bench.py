@@ -1,0 +1,253 @@
+"""The benchmark harness on the tiny preset: it runs, its report is complete and consistent with its
+own samples, compare mode catches regressions, and bad configurations fail with one clear line.
+No timing is asserted: only structure and arithmetic."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.bench.prompts import BUILTIN_PROMPTS, load_prompts
+from engine.bench.stats import percentile
+from engine.commands.bench import EXIT_REGRESSION, add_command
+from engine.errors import EngineError
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+CONTENDERS = ("diffusers", "onnxruntime")
+RUNS, WARMUP, STEPS = 2, 1, 2
+
+
+def bench(*argv: str) -> int:
+    """`sd-engine bench ARGV` through the parser the lead's CLI builds."""
+    parser = argparse.ArgumentParser(prog="sd-engine")
+    add_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *argv])
+    return args.run(args)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    rc = bench(
+        "--model", str(tiny_model), "--engine", str(tiny_engine), "--contenders", ",".join(CONTENDERS),
+        "--size", "64", "--steps", str(STEPS), "--runs", str(RUNS), "--warmup", str(WARMUP),
+        "--out", str(out), "--name", "tiny",
+    )  # fmt: skip
+    return {"rc": rc, "out": out, "report": json.loads((out / "tiny.json").read_text())}
+
+
+def test_run_writes_every_field(run: dict[str, Any]) -> None:
+    assert run["rc"] == 0
+    report = run["report"]
+    assert report["schema"] == "sd-engine-bench/1"
+    assert {"cpu", "logical_cores", "physical_cores", "memory_gib", "os"} <= set(report["machine"])
+    assert {"python", "sd_engine", "numpy", "onnxruntime"} <= set(report["software"])
+    config = report["config"]
+    assert config["baseline"] == "diffusers" and config["contenders"] == list(CONTENDERS)
+    assert config["workload"]["width"] == config["workload"]["height"] == 64
+    assert config["workload"]["prompts"] == list(BUILTIN_PROMPTS[:RUNS])
+    assert {"torch", "diffusers", "transformers"} <= set(
+        report["contenders"]["diffusers"]["info"]["versions"]
+    )
+    for name in CONTENDERS:
+        entry = report["contenders"][name]
+        assert entry["status"] == "ok"
+        assert [s["phase"] for s in entry["samples"]] == ["warmup"] + ["timed"] * RUNS
+        assert [s["prompt_index"] for s in entry["samples"]] == [0, 0, 1]
+        for sample in entry["samples"]:
+            stages = sample["stages_ms"]
+            assert {"text_encoder", "unet_total", "unet_per_step", "scheduler_per_step", "vae_decode"} <= set(
+                stages
+            )
+            assert stages["unet_calls"] == STEPS
+        assert {"startup_s", "import_s", "load_s", "first_run_s", "cold_start_s"} <= set(entry["timeline"])
+        assert (
+            entry["timeline"]["cold_start_s"]
+            >= entry["timeline"]["load_s"] + entry["timeline"]["first_run_s"]
+        )
+        summary = entry["summary"]
+        assert set(summary["latency_ms"]) == {"n", "p50", "p90", "min", "max", "mean"}
+        assert {"host_per_step", "unet_per_step", "vae_decode"} <= set(summary["stages_ms"])
+        assert summary["peak_rss_mib"] > 0 and summary["it_per_s"] > 0 and summary["images_per_s"] > 0
+    assert report["contenders"]["diffusers"]["ratios"]["speedup"]["latency_p50"] == 1.0
+
+
+def test_same_weights_seed_and_sampler_give_the_same_image(run: dict[str, Any]) -> None:
+    agreement = run["report"]["contenders"]["onnxruntime"]["agreement"]
+    assert agreement["psnr_db"] is None or agreement["psnr_db"] >= 40
+
+
+def test_ratios_are_computed_from_the_samples(run: dict[str, Any]) -> None:
+    contenders = run["report"]["contenders"]
+
+    def timed(name: str, get: Any) -> list[float]:
+        return [get(s) for s in contenders[name]["samples"] if s["phase"] == "timed"]
+
+    base, ours = (timed(n, lambda s: s["latency_ms"]) for n in CONTENDERS)
+    ratios = contenders["onnxruntime"]["ratios"]
+    assert ratios["speedup"]["latency_p50"] == pytest.approx(np.median(base) / np.median(ours))
+    base_unet, our_unet = (timed(n, lambda s: s["stages_ms"]["unet_per_step"]) for n in CONTENDERS)
+    assert ratios["speedup"]["unet_per_step"] == pytest.approx(np.median(base_unet) / np.median(our_unet))
+    latency = contenders["onnxruntime"]["summary"]["latency_ms"]
+    assert latency["p90"] == pytest.approx(np.percentile(ours, 90))
+    assert (latency["min"], latency["max"]) == (min(ours), max(ours))
+    rss = [contenders[n]["summary"]["peak_rss_mib"] for n in CONTENDERS]
+    assert ratios["memory_ratio"] == pytest.approx(rss[1] / rss[0])
+
+
+def test_csv_has_a_row_per_sample(run: dict[str, Any]) -> None:
+    with (run["out"] / "tiny.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(CONTENDERS) * (RUNS + WARMUP)
+    assert [r["contender"] for r in rows] == [n for n in CONTENDERS for _ in range(RUNS + WARMUP)]
+    samples = [s for n in CONTENDERS for s in run["report"]["contenders"][n]["samples"]]
+    assert [float(r["latency_ms"]) for r in rows] == pytest.approx([s["latency_ms"] for s in samples])
+
+
+def test_markdown_and_terminal_tables(run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    markdown = (run["out"] / "tiny.md").read_text()
+    assert "| Module | diffusers (torch eager) | sd-engine (ONNX Runtime) |" in markdown
+    assert "UNet, per step" in markdown and "Pipeline latency, p50" in markdown
+    assert bench("--report", str(run["out"] / "tiny.json")) == 0
+    assert "Pipeline latency, p50" in capsys.readouterr().out
+
+
+def test_compare_passes_against_itself(run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(run["out"] / "tiny.json")
+    assert bench("--report", path, "--compare", path) == 0
+    assert "0 regressions" in capsys.readouterr().out
+
+
+def _doctored(report: dict[str, Any], tmp_path: Path, scale: float, **workload: Any) -> Path:
+    """The report with every onnxruntime sample's times scaled, as if measured faster or slower."""
+    doctored = copy.deepcopy(report)
+    doctored["config"]["workload"].update(workload)
+    for sample in doctored["contenders"]["onnxruntime"]["samples"]:
+        sample["latency_ms"] *= scale
+        sample["stages_ms"] = {
+            k: v * scale if k != "unet_calls" else v for k, v in sample["stages_ms"].items()
+        }
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(doctored))
+    return path
+
+
+def test_compare_flags_a_regression(
+    run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    baseline = _doctored(run["report"], tmp_path, scale=0.5)
+    assert bench("--report", str(run["out"] / "tiny.json"), "--compare", str(baseline)) == EXIT_REGRESSION
+    out = capsys.readouterr().out
+    assert "onnxruntime latency p50" in out and "REGRESSION" in out
+
+
+def test_compare_refuses_different_work(run: dict[str, Any], tmp_path: Path) -> None:
+    baseline = _doctored(run["report"], tmp_path, scale=1.0, width=128)
+    with pytest.raises(EngineError, match="different work: width 128 -> 64"):
+        bench("--report", str(run["out"] / "tiny.json"), "--compare", str(baseline))
+
+
+def test_compare_refuses_different_work_before_running(
+    run: dict[str, Any], tiny_model: Path, tiny_engine: Path
+) -> None:
+    with pytest.raises(EngineError, match="different work: width 64 -> 128"):
+        bench("--model", str(tiny_model), "--engine", str(tiny_engine), "--size", "128",
+              "--compare", str(run["out"] / "tiny.json"))  # fmt: skip
+
+
+def test_chart(run: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert bench("--report", str(run["out"] / "tiny.json"), "--out", str(tmp_path), "--chart") == 0
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--contenders", "diffusers,onnx"],
+            "unknown contender 'onnx'; valid contenders: diffusers, onnxruntime",
+        ),
+        (["--size", "250"], "multiples of 8 px"),
+        (["--size", "big"], "--size must be N or WxH"),
+        (["--runs", "0"], "--runs must be at least 1"),
+        (["--sampler", "Euler z"], "unknown sampler 'Euler z'"),
+        (["--sampler", "DPM++ 2S a"], "has no diffusers scheduler"),
+        (["--compare", "/nonexistent/base.json"], "benchmark report not found: /nonexistent/base.json"),
+        (["--engine", "/nonexistent/engine"], "engine folder not found"),
+        (["--threshold", "0"], "--threshold must be a fraction above 0"),
+    ],
+)
+def test_bad_configuration_is_one_clear_line(tiny_model: Path, args: list[str], message: str) -> None:
+    with pytest.raises(EngineError, match=_literal(message)) as error:
+        bench("--model", str(tiny_model), *args)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="model folder not found"):
+        bench("--model", str(tmp_path / "nope"))
+    with pytest.raises(EngineError, match="exactly one of --model MODEL_DIR or --preset"):
+        bench()
+
+
+def test_corrupt_compare_file(tiny_model: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(EngineError, match="cannot read benchmark report"):
+        bench("--model", str(tiny_model), "--compare", str(corrupt))
+    corrupt.write_text(json.dumps({"schema": "something-else"}))
+    with pytest.raises(EngineError, match="is not an sd-engine benchmark report"):
+        bench("--report", str(corrupt))
+
+
+def _literal(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_prompt_files(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("# comment\nfirst prompt\n\n  second prompt  \n")
+    (tmp_path / "p.tsv").write_text("Prompt\tCategory\nalpha\tx\nbeta\ty\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n"two"\n\n{"Prompt": "three"}\n')
+    (tmp_path / "bad.tsv").write_text("Text\tCategory\nalpha\tx\n")
+    assert load_prompts(tmp_path / "p.txt") == ("first prompt", "second prompt")
+    assert load_prompts(tmp_path / "p.tsv") == ("alpha", "beta")
+    assert load_prompts(tmp_path / "p.jsonl") == ("one", "two", "three")
+    assert load_prompts(None) == BUILTIN_PROMPTS
+    with pytest.raises(ValueError, match="has no Prompt column"):
+        load_prompts(tmp_path / "bad.tsv")
+    parti = SHARED / "data" / "partiprompts" / "PartiPrompts.tsv"
+    if parti.is_file():
+        prompts = load_prompts(parti)
+        assert len(prompts) > 1000 and prompts[0] == "bond"
+
+
+def test_percentile_interpolates_linearly() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    for q in (0, 10, 50, 90, 100):
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert percentile([1.0, 2.0, 3.0], 90) == pytest.approx(2.8)
+    assert percentile([5.0], 90) == 5.0
+
+
+def test_bench_command_stays_light() -> None:
+    """`sd-engine --help` builds the bench parser: that must not import torch or diffusers."""
+    code = (
+        "import argparse, sys\n"
+        "from engine.commands.bench import add_command\n"
+        "add_command(argparse.ArgumentParser().add_subparsers())\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

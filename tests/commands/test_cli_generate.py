@@ -1,0 +1,298 @@
+"""`sd-engine generate`: PNGs with A1111 infotext, batches, img2img, one-line errors, the default engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.cli import main
+from engine.commands.generate import ProgressBar, output_paths, render_bar
+from engine.infotext import parse_infotext
+from engine.manifest import read_manifest
+from engine.pipeline import StepInfo
+from engine.specs import Network
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _generate(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _infotext(path: Path) -> dict[str, str]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return parse_infotext(image.info["parameters"])
+
+
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".tmp"))
+
+
+@pytest.fixture()
+def init_image(tmp_path: Path) -> Path:
+    path = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(path)
+    return path
+
+
+def test_txt2img_writes_png_whose_parameters_parse_back(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "apple.png"
+    code, stdout, err = _generate(
+        capsys, str(tiny_engine), "a red apple, on a table", "--negative", "blurry", "--steps", "3",
+        "--cfg", "6.5", "--size", "64x48", "--sampler", "DDIM", "--seed", "7", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    assert err == ""  # no progress bar when stderr is not a terminal
+    lines = stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{out}  seed 7  ")
+    with Image.open(out) as image:
+        assert image.size == (64, 48)
+    model_hash = read_manifest(tiny_engine).graphs[Network.UNET].sha256[:10]
+    assert _infotext(out) == {
+        "Prompt": "a red apple, on a table",
+        "Negative prompt": "blurry",
+        "Steps": "3",
+        "Sampler": "DDIM",
+        "CFG scale": "6.5",
+        "Seed": "7",
+        "Size": "64x48",
+        "Model hash": model_hash,
+        "Model": tiny_engine.name,
+    }
+    assert _pngs(tmp_path) == ["apple.png"]
+
+
+def test_batch_writes_one_file_per_image_with_consecutive_seeds(
+    capsys, tiny_engine: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "batch.png"
+    code, stdout, err = _generate(
+        capsys, str(tiny_engine), "boats", "--steps", "2", "--size", "64x64", "--seed", "100", "--batch", "2",
+        "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    second = tmp_path / "batch-1.png"
+    assert [line.split("  ")[:2] for line in stdout.splitlines()] == [
+        [str(out), "seed 100"],
+        [str(second), "seed 101"],
+    ]
+    first_info, second_info = _infotext(out), _infotext(second)
+    assert (first_info["Seed"], first_info["Batch size"], first_info["Batch pos"]) == ("100", "2", "0")
+    assert (second_info["Seed"], second_info["Batch size"], second_info["Batch pos"]) == ("101", "2", "1")
+    with Image.open(out) as a, Image.open(second) as b:
+        assert a.tobytes() != b.tobytes()
+    assert _pngs(tmp_path) == ["batch-1.png", "batch.png"]
+
+
+def test_random_seed_is_reported_and_recorded(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.png"
+    code, stdout, err = _generate(
+        capsys, str(tiny_engine), "fog", "--steps", "1", "--size", "64x64", "-o", str(out)
+    )
+    assert code == 0, err
+    seed = stdout.split("  ")[1].removeprefix("seed ")
+    assert _infotext(out)["Seed"] == seed and int(seed) >= 0
+
+
+def test_img2img_records_denoising_strength_and_clip_skip(
+    capsys, tiny_engine: Path, tmp_path: Path, init_image: Path
+) -> None:
+    out = tmp_path / "i2i.png"
+    code, _, err = _generate(
+        capsys, str(tiny_engine), "waves", "--steps", "4", "--size", "64x64", "--seed", "3",
+        "--init-image", str(init_image), "--strength", "0.5", "--clip-skip", "2", "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    info = _infotext(out)
+    assert (info["Denoising strength"], info["Clip skip"], info["Seed"]) == ("0.5", "2", "3")
+
+
+@pytest.fixture()
+def future_engine(tiny_engine: Path, tmp_path: Path) -> Path:
+    engine = Path(shutil.copytree(tiny_engine, tmp_path / "future"))
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    return engine
+
+
+# argv after the defaults (--steps 2 -o out.png; later options win), and what the error line names.
+BAD_INPUTS = {
+    "width 100": (["{engine}", "p", "--size", "100x64"], ["width", "multiple of 8", "100"]),
+    "steps 0": (["{engine}", "p", "--steps", "0"], ["steps", "0"]),
+    "unknown sampler": (
+        ["{engine}", "p", "--sampler", "Euler z"],
+        ["'Euler z'", "Euler a", "DPM++ 2M Karras"],
+    ),
+    "strength 1.5": (["{engine}", "p", "--init-image", "{init}", "--strength", "1.5"], ["strength", "1.5"]),
+    "missing init image": (["{engine}", "p", "--init-image", "{tmp}/nope.png"], ["init image not found"]),
+    "unreadable init image": (
+        ["{engine}", "p", "--init-image", "{tmp}/notes.png"],
+        ["cannot read init image"],
+    ),
+    "missing engine": (["{tmp}/no-engine", "p"], ["engine folder not found", "no-engine"]),
+    "format version 999": (["{future}", "p"], ["format version 999", "re-export"]),
+    "not a png": (["{engine}", "p", "-o", "{tmp}/out.jpg"], ["output must be a .png file"]),
+    "missing output folder": (
+        ["{engine}", "p", "-o", "{tmp}/missing/out.png"],
+        ["output folder does not exist"],
+    ),
+    "cuda graph on the cpu": (
+        ["{engine}", "p", "--cuda-graph", "on"],
+        ["CUDAExecutionProvider", "onnxruntime-gpu"],
+    ),
+    "cuda graph with torch": (
+        ["{engine}", "p", "--backend", "torch", "--cuda-graph", "on"],
+        ["--cuda-graph"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_error_and_writes_nothing(
+    case: str, capsys, tiny_engine: Path, future_engine: Path, init_image: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.png").write_text("not an image")
+    template, needles = BAD_INPUTS[case]
+    values = {"engine": tiny_engine, "init": init_image, "tmp": tmp_path, "future": future_engine}
+    argv = [arg.format(**values) for arg in template]
+    code, stdout, err = _generate(capsys, "--steps", "2", "-o", str(tmp_path / "out.png"), *argv)
+    assert code == 1
+    assert stdout == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sd-engine: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert _pngs(tmp_path) == ["init.png", "notes.png"]
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fused_guidance_can_be_turned_off(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    args = ["a red apple", "--steps", "3", "--size", "64x48", "--seed", "7"]
+    assert _generate(capsys, str(tiny_engine), *args, "-o", str(tmp_path / "fused.png"))[0] == 0
+    assert (
+        _generate(capsys, str(tiny_engine), *args, "--fused-cfg", "off", "-o", str(tmp_path / "host.png"))[0]
+        == 0
+    )
+    with Image.open(tmp_path / "fused.png") as fused, Image.open(tmp_path / "host.png") as host:
+        diff = np.abs(np.asarray(fused, np.int16) - np.asarray(host, np.int16))
+    assert diff.max() <= 1  # the same image, to float rounding
+
+
+def test_bad_size_format_is_an_argparse_error(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tiny_engine), "p", "--size", "64by64", "-o", str(tmp_path / "o.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --size: expected WxH such as 512x512, got '64by64'" in err.splitlines()[-1]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_samplers_command_lists_names(capsys) -> None:
+    assert main(["samplers"]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert "Euler a" in names and "DPM++ 2M Karras" in names and "EulerAncestralDiscreteScheduler" in names
+
+
+def test_output_paths_number_the_rest_of_a_batch() -> None:
+    assert output_paths(Path("d/out.png"), 3) == [Path("d/out.png"), Path("d/out-1.png"), Path("d/out-2.png")]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    assert render_bar(7, 20, width=10) == "[###.......] 7/20 steps"
+    terminal, pipe = _Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        bar = ProgressBar(stream)
+        for step in (1, 2):
+            bar(StepInfo(step=step, total=2, timestep=500.0))
+        bar.close()
+    assert terminal.getvalue() == "\r[" + "#" * 15 + "." * 15 + "] 1/2 steps\r[" + "#" * 30 + "] 2/2 steps\n"
+    assert pipe.getvalue() == ""
+
+
+def test_ctrl_c_exits_130_with_one_line_and_no_file(tiny_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "slow.png"
+    argv = ["-v", "generate", str(tiny_engine), "p", "--steps", "1000", "--batch", "8", "--size", "64x64"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", *argv, "-o", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # -v logs "loaded ..." once the graphs are up and generation starts
+        if line.startswith("loaded "):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert stdout == ""
+    assert err.strip().splitlines() == ["sd-engine: error: interrupted"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_engine_build_is_clear_about_missing_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from engine.cli import main\n"
+        "sys.exit(main(['generate', 'a prompt', '-o', sys.argv[1]]))\n"
+    )
+    env = {**os.environ, "SD_ENGINE_HOME": str(tmp_path / "home")}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "o.png")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        'sd-engine: error: building the default engine needs torch: pip install "sd-engine[export]" '
+        "(or pass an ENGINE_DIR)"
+    ]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_default_engine_is_built_once_then_reused(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from engine.commands.default_engine import default_engine_dir, ensure_default_engine
+
+    monkeypatch.setenv("SD_ENGINE_HOME", str(tmp_path / "home"))
+    messages: list[str] = []
+    engine = ensure_default_engine(progress=messages.append)
+    assert engine == tmp_path / "home" / "engines" / "tiny" == default_engine_dir()
+    assert read_manifest(engine).graphs and any("building the default engine" in m for m in messages)
+    stamp = (engine / "manifest.json").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert ensure_default_engine(progress=messages.append) == engine
+    assert time.perf_counter() - start < 1.0
+    assert (engine / "manifest.json").stat().st_mtime_ns == stamp
+
+    # Without ENGINE_DIR the CLI uses it, at 64x64 by default.
+    out = tmp_path / "default.png"
+    code, stdout, err = _generate(capsys, "a tiny prompt", "--steps", "2", "--seed", "5", "-o", str(out))
+    assert code == 0, err
+    assert stdout.startswith(f"{out}  seed 5  ")
+    info = _infotext(out)
+    assert (info["Size"], info["Model"], info["Prompt"]) == ("64x64", "tiny", "a tiny prompt")
+    assert (engine / "manifest.json").stat().st_mtime_ns == stamp

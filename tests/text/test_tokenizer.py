@@ -1,0 +1,257 @@
+"""engine.text.tokenizer against transformers' CLIPTokenizer on the real CLIP vocabulary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import EngineFolderError
+from engine.text.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    SD2_PAD_TOKEN,
+    ClipTokenizer,
+    write_tokenizer_folder,
+)
+
+transformers = pytest.importorskip("transformers")
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+BPE_FILE = SHARED / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+PARTI_FILE = SHARED / "data" / "partiprompts" / "PartiPrompts.tsv"
+MISSING_DATA = (
+    f"real CLIP vocabulary / PartiPrompts not found under {SHARED} (CI puts shared/ beside the clone)"
+)
+
+EDGE_CASES = [
+    "",
+    " ",
+    "   \t\n  ",
+    "a photo of a cat",
+    "A Photo OF a CAT",
+    "café naïve résumé Ångström",
+    "e\u0301 vs \u00e9 (NFD vs NFC)",
+    "ＡＢＣ full-width, ﬁ ligature, ² superscript",
+    "猫の写真, 한국어, 中文提示词",
+    "😀👍🏽 🏳️‍🌈 emoji",
+    "tabs\tand\nnewlines\r\nand\u3000ideographic\u00a0spaces",
+    "\u200b\ufeffzero width",
+    "It's I'LL we'd they've",
+    "1234 3.14 x1y2 2024-01-01",
+    "hello! world!!! ! !!",
+    "a!b ?!",
+    "<|endoftext|> x <|ENDOFTEXT|> <|startoftext|> <|StartOfText|>",
+    "<|endoftext|>!",
+    "word " * 100,
+    "A" * 500,
+    ", ".join(["masterpiece", "best quality", "ultra-detailed", "8k"] * 20),
+]
+
+
+def parti_prompts() -> list[str]:
+    with PARTI_FILE.open(encoding="utf-8", newline="") as handle:
+        return [row["Prompt"] for row in csv.DictReader(handle, delimiter="\t")]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tokenizer folders in the layouts real SD models ship (SD 1.5, SD 2.1) and newer/older ones."""
+    if not (BPE_FILE.is_file() and PARTI_FILE.is_file()):
+        pytest.skip(MISSING_DATA)
+    root = tmp_path_factory.mktemp("tokenizers")
+    sd1 = write_tokenizer_folder(BPE_FILE, root / "sd1")
+    sd2 = write_tokenizer_folder(BPE_FILE, root / "sd2", pad_token=SD2_PAD_TOKEN)
+    result = {"sd1": sd1, "sd2": sd2}
+    for name, source in [("sd1_added_tokens", sd1), ("sd2_added_tokens", sd2)]:
+        result[name] = with_added_tokens_decoder(source, root / name)
+    bare = root / "bare"  # vocab + merges only: every setting from the defaults
+    bare.mkdir()
+    for file in ("vocab.json", "merges.txt"):
+        shutil.copy(sd1 / file, bare / file)
+    result["bare"] = bare
+    return result
+
+
+def with_added_tokens_decoder(source: Path, target: Path) -> Path:
+    """The same folder as transformers >= 4.34 saves it: an authoritative added_tokens_decoder."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8"))
+    flags = {"lstrip": False, "rstrip": False, "single_word": False, "special": True}
+    config["added_tokens_decoder"] = {
+        "49406": {"content": BOS_TOKEN, "normalized": True, **flags},
+        "49407": {"content": EOS_TOKEN, "normalized": False, **flags},
+    }
+    if config["pad_token"] == SD2_PAD_TOKEN:
+        config["added_tokens_decoder"]["0"] = {"content": SD2_PAD_TOKEN, "normalized": False, **flags}
+    for key in ("bos_token", "eos_token", "unk_token"):
+        config[key] = config[key]["content"]
+    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return target
+
+
+def reference_ids(tokenizer: object, prompts: list[str]) -> np.ndarray:
+    return tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np"
+    ).input_ids
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sd1_added_tokens", "sd2_added_tokens", "bare"])
+def test_every_partiprompt_and_edge_case_matches_transformers(folders: dict[str, Path], variant: str) -> None:
+    prompts = parti_prompts() + EDGE_CASES
+    assert len(prompts) == 1632 + len(EDGE_CASES)
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folders[variant]))
+    ours = ClipTokenizer.from_folder(folders[variant])
+    expected = reference_ids(reference, prompts)
+    got = ours.encode(prompts)
+    assert got.dtype == np.int64 and got.shape == (len(prompts), 77)
+    mismatched = [prompts[i] for i in np.flatnonzero((got != expected).any(axis=1))]
+    assert not mismatched, f"{len(mismatched)} prompts differ, e.g. {mismatched[:3]}"
+    assert ours.pad_id == reference.pad_token_id
+
+
+def test_matches_clip_tokenizer_built_from_vocab_and_merges(folders: dict[str, Path]) -> None:
+    # transformers 5 takes the two paths positionally (vocab_file= is silently ignored).
+    folder = folders["bare"]
+    reference = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    prompts = parti_prompts()[::7] + EDGE_CASES
+    np.testing.assert_array_equal(
+        ClipTokenizer.from_folder(folder).encode(prompts), reference_ids(reference, prompts)
+    )
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_unpadded_ids_match_transformers_without_special_tokens(
+    folders: dict[str, Path], variant: str
+) -> None:
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folders[variant]))
+    ours = ClipTokenizer.from_folder(folders[variant])
+    for prompt in parti_prompts()[::11] + EDGE_CASES:
+        assert ours.encode_unpadded(prompt) == reference(prompt, add_special_tokens=False).input_ids, prompt
+
+
+def test_converted_vocabulary_gives_the_known_ids(folders: dict[str, Path]) -> None:
+    tokenizer = ClipTokenizer.from_folder(folders["sd1"])
+    assert tokenizer.encode(["a photo of a cat"])[0, :8].tolist() == [
+        49406,
+        320,
+        1125,
+        539,
+        320,
+        2368,
+        49407,
+        49407,
+    ]
+    assert (tokenizer.max_length, tokenizer.bos_id, tokenizer.eos_id) == (77, 49406, 49407)
+    assert tokenizer.vocab_size == 49408
+    merges = (folders["sd1"] / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0] == "#version: 0.2" and len(merges) == 48895 and merges[-1] == "jeky ll</w>"
+
+
+def test_long_prompt_keeps_first_75_tokens_between_bos_and_eos(folders: dict[str, Path]) -> None:
+    tokenizer = ClipTokenizer.from_folder(folders["sd1"])
+    prompt = " ".join(f"word{i}" for i in range(60))
+    text_ids = tokenizer.encode_unpadded(prompt)
+    assert len(text_ids) > 75
+    row = tokenizer.encode([prompt])[0]
+    assert row[0] == tokenizer.bos_id and row[76] == tokenizer.eos_id
+    assert row[1:76].tolist() == text_ids[:75]
+
+
+def test_sd1_pads_with_end_of_text_and_sd2_with_exclamation_mark(folders: dict[str, Path]) -> None:
+    sd1 = ClipTokenizer.from_folder(folders["sd1"])
+    sd2 = ClipTokenizer.from_folder(folders["sd2"])
+    assert (sd1.pad_id, sd2.pad_id) == (49407, 0)
+    row1, row2 = sd1.encode(["a cat"])[0], sd2.encode(["a cat"])[0]
+    assert row1[:4].tolist() == row2[:4].tolist() == [49406, 320, 2368, 49407]
+    assert set(row1[4:].tolist()) == {49407} and set(row2[4:].tolist()) == {0}
+
+
+def test_sd2_pad_token_is_matched_inside_the_prompt_like_transformers(folders: dict[str, Path]) -> None:
+    # SD 2's "!" is a special (added) token, so "wow!" ends in id 0, not in "!</w>" (256) as in SD 1.
+    assert ClipTokenizer.from_folder(folders["sd1"]).encode_unpadded("wow!") == [2781, 256]
+    assert ClipTokenizer.from_folder(folders["sd2"]).encode_unpadded("wow!") == [2781, 0]
+
+
+def test_empty_batch_and_single_string(folders: dict[str, Path]) -> None:
+    tokenizer = ClipTokenizer.from_folder(folders["sd1"])
+    assert tokenizer.encode([]).shape == (0, 77)
+    with pytest.raises(TypeError, match="sequence of strings"):
+        tokenizer.encode("a cat")  # type: ignore[arg-type]
+
+
+def test_folder_sets_max_length(folders: dict[str, Path], tmp_path: Path) -> None:
+    folder = shutil.copytree(folders["sd1"], tmp_path / "short")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["model_max_length"] = 16
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    prompt = "a very long prompt " * 10
+    expected = reference([prompt], padding="max_length", max_length=16, truncation=True, return_tensors="np")
+    np.testing.assert_array_equal(ClipTokenizer.from_folder(folder).encode([prompt]), expected.input_ids)
+
+
+def test_writing_is_atomic_and_repeatable(folders: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "tok"
+    write_tokenizer_folder(BPE_FILE, target)
+    write_tokenizer_folder(BPE_FILE, target)  # over an existing folder
+    names = sorted(path.name for path in target.iterdir())
+    assert names == ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    for name in names:
+        assert (target / name).read_bytes() == (folders["sd1"] / name).read_bytes()
+
+
+def break_file(folder: Path, name: str, content: str | None) -> None:
+    if content is None:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("vocab.json", None, "missing tokenizer file"),
+        ("merges.txt", None, "missing tokenizer file"),
+        ("vocab.json", '{"a": 0,', "corrupt tokenizer file"),
+        ("vocab.json", "[1, 2]", "corrupt tokenizer file"),
+        ("vocab.json", '{"a": 0, "b": 0}', "duplicate ids"),
+        ("merges.txt", "#version: 0.2\na b c\n", "line 2 is not a merge pair"),
+        ("merges.txt", "#version: 0.2\nqq zz\n", "does not fit vocab.json"),
+        ("tokenizer_config.json", "{not json", "corrupt tokenizer file"),
+        ("special_tokens_map.json", '{"pad_token": "<|nope|>"}', r"'<\|nope\|>' is not in .*vocab\.json"),
+        ("tokenizer_config.json", '{"model_max_length": "77"}', "model_max_length"),
+        ("tokenizer_config.json", '{"model_max_length": 1}', "model_max_length"),
+        ("special_tokens_map.json", '{"pad_token": 5}', "neither text nor an object"),
+    ],
+)
+def test_broken_folder_raises_one_line_error_naming_the_file(
+    folders: dict[str, Path], tmp_path: Path, name: str, content: str | None, message: str
+) -> None:
+    folder = shutil.copytree(folders["sd1"], tmp_path / "broken")
+    break_file(folder, name, content)
+    with pytest.raises(EngineFolderError, match=message) as caught:
+        ClipTokenizer.from_folder(folder)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert name in text or "<|nope|>" in text  # an unknown token names vocab.json, checked above
+
+
+def test_missing_folder_raises(tmp_path: Path) -> None:
+    with pytest.raises(EngineFolderError, match="tokenizer folder not found"):
+        ClipTokenizer.from_folder(tmp_path / "absent")
+
+
+def test_module_stays_torch_free() -> None:
+    code = (
+        "import sys, engine.text.tokenizer; "
+        "bad = {'torch', 'transformers', 'diffusers'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
