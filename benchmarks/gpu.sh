@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
 # Check the GPU paths on any CUDA machine, in one command:
 #
-#   benchmarks/gpu.sh [RESULTS_DIR]
+#   bash benchmarks/gpu.sh [--dry-run] [RESULTS_DIR]
 #
 # 1. installs what is missing and can be installed (tensorrt, cuda-python; best effort: a machine
-#    without network goes on without them and the TensorRT parts report themselves skipped);
+#    without network goes on without them and the TensorRT contenders report themselves skipped);
 # 2. makes the sd15 random-weight model and its ONNX engine folder (cached in $SD_ENGINE_GPU_WORK);
 # 3. builds the TensorRT plans when tensorrt is importable (static profile, 512x512, batch 1);
 # 4. runs the GPU and TensorRT tests (pytest -m "gpu or tensorrt");
-# 5. runs benchmarks/gpu_bench.py: torch-CUDA, ONNX Runtime CUDA (with onnxruntime-gpu) and TensorRT
-#    (when built), each with and without CUDA graphs and fused guidance, against diffusers fp16 eager,
-#    512x512, 50 steps, CFG 7.5, batch 1, with PSNR against an fp32 CPU reference image.
-# Everything (log, nvidia-smi, pip freeze, build log, pytest report, results.json/.md, images) lands in
-# RESULTS_DIR, default benchmarks/results/gpu-<gpu>-<date>. The script exits non-zero if the tests
-# failed, after writing everything.
+# 5. runs `sd-engine bench --device cuda`: torch-cuda eager / graph / graph + fused CFG, ONNX Runtime
+#    CUDA (IO binding; graph + fused CFG) and TensorRT (eager, graph, graph + fused CFG) against
+#    diffusers fp16 eager, 512x512, $STEPS steps, CFG 7.5, batch 1, with PSNR against an fp32 CPU
+#    reference image; contenders this machine cannot run are skipped with the reason.
+# Everything (log, nvidia-smi, pip freeze, build log, pytest report, the bench's .json/.csv/.md) lands
+# in RESULTS_DIR, default benchmarks/results/gpu-<gpu>-<date>. The script exits non-zero if the tests
+# or the benchmark failed, after writing everything.
+#
+# --dry-run: no GPU needed; prints the steps and checks that `sd-engine bench` accepts the benchmark's
+# contenders and flags (`sd-engine bench --dry-run`), then exits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 WORK=${SD_ENGINE_GPU_WORK:-/tmp/sd-engine-gpu}
 STEPS=${STEPS:-50}
 RUNS=${RUNS:-3}
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then
+    DRY_RUN=1
+    shift
+fi
+MODEL=$WORK/sd15-model
+ENGINE=$WORK/sd15-engine
+CONTENDERS=diffusers:fp16
+CONTENDERS+=,torch-cuda:eager+unfused,torch-cuda:graph+unfused,torch-cuda:graph+fused
+CONTENDERS+=,onnxruntime:unfused,onnxruntime:graph+fused
+CONTENDERS+=,tensorrt:eager+unfused,tensorrt:graph+unfused,tensorrt:graph+fused
+BENCH=(--device cuda --contenders "$CONTENDERS" --size 512 --steps "$STEPS" --runs "$RUNS"
+    --psnr-reference cpu-fp32 --skip-unavailable)
+
+if [ "$DRY_RUN" -eq 1 ]; then
+    echo "== dry run: would make $MODEL and $ENGINE, build TensorRT plans, run the GPU tests, then:"
+    echo "sd-engine bench --model $MODEL --engine $ENGINE ${BENCH[*]} --out RESULTS_DIR"
+    exec "$PYTHON" -m engine.cli bench --dry-run "${BENCH[@]}"
+fi
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >/dev/null 2>&1; then
     echo "gpu.sh: no NVIDIA GPU or driver on this machine (nvidia-smi failed)" >&2
@@ -65,8 +88,6 @@ if ! "$PYTHON" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider
 fi
 "$PYTHON" -m pip freeze >"$OUT/pip-freeze.txt" 2>/dev/null
 
-MODEL=$WORK/sd15-model
-ENGINE=$WORK/sd15-engine
 echo "== model and engine folder in $WORK"
 [ -f "$MODEL/model_index.json" ] || "$PYTHON" -m engine.cli init-random sd15 "$MODEL" || exit 1
 [ -f "$ENGINE/manifest.json" ] || "$PYTHON" -m engine.cli export "$MODEL" "$ENGINE" || exit 1
@@ -74,7 +95,7 @@ echo "== model and engine folder in $WORK"
 if has tensorrt && { has cuda.bindings || has cuda.cudart; }; then
     echo "== TensorRT plans"
     # both UNets: the benchmark compares guidance on the host (unet) with fused guidance (unet_cfg)
-    "$PYTHON" -m engine.build_trt "$ENGINE" --profile static --size 512x512 --batch 1 \
+    "$PYTHON" -m engine.cli build "$ENGINE" --profile static --size 512x512 --batch 1 \
         --networks text_encoder unet unet_cfg vae_decoder \
         --timing-cache "$WORK/timing.cache" 2>&1 | tee "$OUT/build.txt"
 else
@@ -82,14 +103,14 @@ else
 fi
 
 echo "== GPU tests"
-"$PYTHON" -m pytest tests/test_gpu.py tests/test_build_trt.py tests/test_ort_iobinding.py -m "gpu or tensorrt" \
-    -ra -p no:cacheprovider \
+"$PYTHON" -m pytest tests/backends/test_gpu.py tests/tensorrt/test_build_trt.py tests/backends/test_ort_iobinding.py \
+    -m "gpu or tensorrt" -ra -p no:cacheprovider \
     --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.txt"
 TESTS=${PIPESTATUS[0]}
 
 echo "== benchmark"
-"$PYTHON" benchmarks/gpu_bench.py "$MODEL" "$ENGINE" --out "$OUT" --size 512 --steps "$STEPS" --runs "$RUNS"
-BENCH=$?
+"$PYTHON" -m engine.cli bench --model "$MODEL" --engine "$ENGINE" "${BENCH[@]}" --out "$OUT" --name bench
+BENCH_STATUS=$?
 
-echo "== done: tests exit $TESTS, benchmark exit $BENCH; results in $OUT"
-[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]
+echo "== done: tests exit $TESTS, benchmark exit $BENCH_STATUS; results in $OUT"
+[ "$TESTS" -eq 0 ] && [ "$BENCH_STATUS" -eq 0 ]

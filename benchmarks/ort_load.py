@@ -26,8 +26,8 @@ from engine.backends.onnxruntime import (
     OnnxRuntimeBackend,
     OrtGraph,
     OrtOptions,
-    graph_content_hash,
 )
+from engine.hashing import graph_content_hash
 from engine.specs import GraphSpec, Network, TensorSpec, sample_inputs
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--run", type=parse_sizes, default=None, help="axis sizes, e.g. batch=2,sequence=77")
     args = parser.parse_args()
 
-    backend = OnnxRuntimeBackend(OrtOptions(intra_op_threads=args.threads))
+    backend = OnnxRuntimeBackend(OrtOptions(threads=args.threads))
     spec = spec_from_graph(args.graph, args.network)
     hash_s, digest = timed(lambda: graph_content_hash(args.graph))
     feeds = sample_inputs(spec, args.run, np.random.default_rng(0)) if args.run is not None else None

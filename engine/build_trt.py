@@ -7,15 +7,15 @@ cuda-python and the GPU) and ``builder`` (plans, parity gate, index).
 
 from __future__ import annotations
 
-from engine.tensorrt.builder import BuildSettings, PlanResult, VaePrecision, build_engine
+from engine.tensorrt.builder import BuildSettings, PlanResult, Rebuild, build_engine
 from engine.tensorrt.profiles import ProfileKind, ShapeProfile, make_profiles
 
 __all__ = [
     "BuildSettings",
     "PlanResult",
     "ProfileKind",
+    "Rebuild",
     "ShapeProfile",
-    "VaePrecision",
     "build_engine",
     "make_profiles",
 ]

@@ -27,6 +27,10 @@ class MissingDependencyError(EngineError):
     """An optional dependency (torch, tensorrt, ...) is needed for this operation."""
 
 
+class RequestError(EngineError, ValueError):
+    """A generation setting is invalid (a ValueError too, so callers may catch either)."""
+
+
 class Cancelled(EngineError):
     """A generation was cancelled by its step callback."""
 

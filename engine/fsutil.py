@@ -1,14 +1,35 @@
-"""Folders that appear complete or not at all: build under a hidden name, then rename into place."""
+"""Files and folders that appear complete or not at all: written under a hidden name beside the target,
+then renamed into place, so a reader (or an interrupted run) never sees half of one."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import EngineError
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically: a hidden temp file in the same folder,
+    fsync, then os.replace. On any failure or interrupt the old file (if any) stays and the temp file
+    is removed. The new file gets the usual umask-filtered permissions (0o666 & ~umask)."""
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def check_target(target: Path, overwrite: bool) -> None:

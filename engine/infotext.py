@@ -14,16 +14,17 @@ Torch-free: pillow only.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from engine.fsutil import write_atomic
 
 PNG_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -158,16 +159,6 @@ def save_png(image: Image.Image, path: str | Path, infotext: str) -> Path:
     A failure or interrupt leaves the old file (if any) untouched and no temp file behind. The new
     file gets the usual umask-filtered permissions.
     """
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=png_info(infotext))
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=png_info(infotext))
+    return write_atomic(Path(path), encoded.getvalue())

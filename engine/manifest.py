@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineFolderError
+from engine.fsutil import write_atomic
 from engine.specs import GraphSpec, ModelDims, Network, Precision
 
 FORMAT_VERSION = 1
@@ -139,12 +140,8 @@ class Manifest:
 
 
 def write_manifest(engine_dir: Path, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (temp file, then rename)."""
-    path = engine_dir / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write manifest.json atomically (see :func:`engine.fsutil.write_atomic`)."""
+    return write_atomic(engine_dir / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
 
 
 def read_manifest(engine_dir: str | Path) -> Manifest:

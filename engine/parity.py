@@ -44,14 +44,30 @@ def summarize_parity(reports: list[ParityReport], threshold: float, seed: int) -
     }
 
 
-def compare(expected: np.ndarray, actual: np.ndarray, sizes: Mapping[str, int]) -> ParityReport:
-    """Relative L2, max-abs and PSNR (peak = the reference's range) of actual against expected."""
-    expected64, actual64 = expected.astype(np.float64), actual.astype(np.float64)
-    diff = actual64 - expected64
-    rel = float(np.linalg.norm(diff) / max(np.linalg.norm(expected64), 1e-30))
-    mse = float(np.mean(diff**2))
-    peak = float(np.ptp(expected64)) or 1.0
-    psnr = float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+def rel_l2(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Relative L2 error ``||actual - reference||_2 / ||reference||_2`` in float64 (denominator at least
+    1e-30); inf when ``actual`` holds a NaN or an infinity. Any shapes that broadcast."""
+    reference64, actual64 = np.asarray(reference, np.float64), np.asarray(actual, np.float64)
     if not np.all(np.isfinite(actual64)):
-        rel = float("inf")
-    return ParityReport(dict(sizes), rel, float(np.max(np.abs(diff))), psnr)
+        return float("inf")
+    return float(np.linalg.norm(actual64 - reference64) / max(np.linalg.norm(reference64), 1e-30))
+
+
+def max_abs(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Largest element-wise ``|actual - reference|``, in float64 (so uint8 images do not wrap)."""
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(reference, np.float64))))
+
+
+def psnr(reference: np.ndarray, actual: np.ndarray, peak: float) -> float:
+    """Peak signal-to-noise ratio ``10 log10(peak^2 / mean((actual - reference)^2))`` in dB, in float64;
+    inf when the two are equal. ``peak`` is the signal's range: 255 for uint8 images."""
+    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(peak**2 / mse))
+
+
+def compare(expected: np.ndarray, actual: np.ndarray, sizes: Mapping[str, int]) -> ParityReport:
+    """Relative L2, max-abs and PSNR (peak = the reference's range, 1 when constant) against expected."""
+    peak = float(np.ptp(np.asarray(expected, np.float64))) or 1.0
+    return ParityReport(
+        dict(sizes), rel_l2(expected, actual), max_abs(expected, actual), psnr(expected, actual, peak)
+    )

@@ -33,14 +33,14 @@ import numpy as np
 
 from .sampling.config import SchedulerConfig, resolve_config
 from .sampling.plan import History, Plan, Source, combine
-from .sampling.registry import SAMPLERS, Sampler, lookup
+from .sampling.registry import SAMPLERS, Sampler, lookup, resolve
 
-__all__ = ["Scheduler", "SchedulerConfig", "create", "names"]
+__all__ = ["Scheduler", "SchedulerConfig", "create", "names", "resolve"]
 
 
 def names() -> list[str]:
     """Every accepted sampler name: A1111 labels (with Karras / Exponential / AYS variants) and
-    diffusers class names. Matching is case-insensitive."""
+    diffusers class names. Matching ignores case and runs of whitespace (see :func:`resolve`)."""
     return list(SAMPLERS)
 
 
@@ -57,7 +57,7 @@ def create(
     may also set engine options: ``eta`` (DDIM, DPM++ 2S a, DPM++ 3M SDE) and the sigma schedule
     flags ``use_karras_sigmas``, ``use_exponential_sigmas``, ``use_ays_sigmas``.
     """
-    sampler = lookup(name)
+    sampler = lookup(name)  # by resolve(name): the request's check and this one cannot disagree
     cfg = resolve_config(sampler.defaults, sampler.extensions, config, sampler.forced, overrides)
     return Scheduler(sampler, cfg, rng)
 

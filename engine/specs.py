@@ -16,10 +16,13 @@ import numpy as np
 
 
 class Precision(str, Enum):
-    """Numeric precision of a compiled graph's weights and arithmetic."""
+    """Numeric precision of a graph's weights and arithmetic: of an exported graph, a TensorRT plan, or
+    what a backend runs in. For the SD VAE, FP16 means fp16 guarded by an fp32 rerun on overflow (it
+    overflows in fp16); bf16 keeps fp32's exponent range and needs no guard."""
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
 
 
 class Network(str, Enum):

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# Data the tests read, vendored with its licence (tests/data/*/LICENSE): a clean clone runs every test.
+DATA = Path(__file__).resolve().parent / "data"
+PARTI_PROMPTS = DATA / "partiprompts" / "PartiPrompts.tsv"
+# Set to replay a failing test's random inputs: SD_ENGINE_TEST_SEED=<the seed it printed>.
+SEED_VARIABLE = "SD_ENGINE_TEST_SEED"
+
+
+def draw_seed() -> int:
+    """The pinned seed from SD_ENGINE_TEST_SEED, else a fresh one in 0..2^32-1."""
+    pinned = os.environ.get(SEED_VARIABLE, "").strip()
+    if not pinned:
+        return secrets.randbits(32)
+    try:
+        return int(pinned, 0)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_VARIABLE}={pinned!r} is not an integer seed") from None
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Fresh random inputs for one test, reproducible from the seed it prints.
+
+    pytest shows the print under "Captured stdout setup" when the test fails; the seed is also in the
+    test's user_properties (junit XML). Replay with SD_ENGINE_TEST_SEED=<seed>.
+    """
+    seed = draw_seed()
+    print(f"rng seed {seed} (replay: {SEED_VARIABLE}={seed})")
+    request.node.user_properties.append(("rng_seed", seed))
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="session")

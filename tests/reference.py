@@ -9,15 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine import parity
 from engine.sampling.registry import lookup
 
 
 def psnr(ours: Image.Image | np.ndarray, reference: np.ndarray) -> float:
     """PSNR in dB between a uint8 image and a float [0, 1] reference rounded like diffusers' PIL output."""
-    a = np.asarray(ours, dtype=np.float64)
-    b = (np.asarray(reference, dtype=np.float64) * 255).round()
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+    rounded = (np.asarray(reference, dtype=np.float64) * 255).round()
+    return parity.psnr(rounded, np.asarray(ours), peak=255)
 
 
 def diffusers_pipeline(model: Path, sampler: str, img2img: bool = False):

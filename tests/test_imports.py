@@ -1,42 +1,84 @@
-"""The runtime stays light: importing it never pulls in torch, diffusers, transformers or onnx."""
+"""Imports stay light: each module, imported alone in a fresh interpreter, loads nothing it must not.
+
+The runtime (CLI, pipeline, schedulers, tokenizer, backends) never loads torch, diffusers, transformers or
+the onnx exporter; no backend loads build or export code (polygraphy, engine.onnx, engine.export, the
+TensorRT builder, the torch wrappers), so running a plan needs none of the build's dependencies. The
+torch backends import torch only when they load a model.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
-RUNTIME_MODULES = [
-    "engine",
-    "engine.cli",
-    "engine.errors",
-    "engine.manifest",
-    "engine.rng",
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The export extra's stack; "onnx" is the exporter's package (onnxruntime is the runtime and allowed).
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "onnx", "onnxscript", "polygraphy")
+EXPORT_CODE = ("engine.onnx", "engine.export", "engine.models.torch_modules")
+BUILD_CODE = ("engine.build_trt", "engine.tensorrt.builder", "torch.onnx")
+
+BACKENDS = (
     "engine.runtime",
-    "engine.specs",
-    "engine.text.tokenizer",
-    "engine.models.folder",
+    "engine.backends.onnxruntime",
+    "engine.backends.openvino",
+    "engine.backends.tensorrt",
+    "engine.backends.torch_cpu",
+    "engine.backends.torch_cuda",
+    "engine.backends.cuda_graph",
+    "engine.backends.options",
+)
+RUNTIME = (
+    "engine",
+    "engine.build_trt",  # the builder's face: it may load the builder, not torch or the exporter
+    "engine.commands.bench",
+    "engine.commands.default_engine",
+    "engine.errors",
     "engine.infotext",
     "engine.logs",
-    "engine.commands.bench",
-    "engine.build_trt",
-    "engine.backends.tensorrt",
-    "engine.backends.cuda_graph",
-    "engine.backends.torch_cuda",
-    "engine.backends.torch_cpu",
-    "engine.commands.default_engine",
+    "engine.manifest",
+    "engine.models.folder",
     "engine.pipeline",
     "engine.pipeline.request",
-    "engine.schedulers",
+    "engine.rng",
+    "engine.specs",
+    "engine.tensorrt.plans",
+    "engine.text.conditioning",
+    "engine.text.tokenizer",
+)
+# What a case does after the import, where using the module is what could load more.
+USE = {
+    "engine.cli": "engine.cli.build_parser()",  # builds every subcommand's parser, bench included
+    "engine.schedulers": "engine.schedulers.create('DPM++ 2M Karras').set_timesteps(5)",
+}
+
+CASES = [
+    *(pytest.param(name, HEAVY + EXPORT_CODE + BUILD_CODE, id=name) for name in BACKENDS),
+    *(pytest.param(name, HEAVY + EXPORT_CODE, id=name) for name in (*RUNTIME, *USE)),
 ]
-HEAVY = ["torch", "diffusers", "transformers", "onnx", "accelerate"]
 
 
-def test_runtime_modules_do_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        f"for name in {RUNTIME_MODULES!r}: __import__(name)\n"
-        "import engine.cli; engine.cli.build_parser()\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+def loaded_modules(module: str, forbidden: tuple[str, ...]) -> list[str]:
+    """The forbidden modules (or their submodules) in sys.modules after importing `module` alone."""
+    code = "\n".join(
+        [
+            "import json, sys",
+            f"import {module}",
+            USE.get(module, "pass"),
+            f"forbidden = {forbidden!r}",
+            "found = [m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in forbidden)]",
+            "print(json.dumps(sorted(found)))",
+        ]
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, f"importing {module} failed:\n{run.stderr}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("module", "forbidden"), CASES)
+def test_module_imports_nothing_forbidden(module: str, forbidden: tuple[str, ...]) -> None:
+    assert loaded_modules(module, forbidden) == [], f"import {module} loads forbidden modules"

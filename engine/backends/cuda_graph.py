@@ -13,6 +13,10 @@ replaying it turns that into one launch. Graphs replay fixed device addresses an
 4. a new shape key, or :meth:`CudaGraphRunner.invalidate` after a reallocation, drops the graph (and,
    for a new shape, the buffers) before anything else runs.
 
+Constants (:meth:`CudaGraphRunner.bind_constants`: a generation's prompt embeddings, guidance scale) are
+written to their static buffers once per bind (and after a reallocation), outside any recorded graph;
+each run then writes only the inputs it is given. ``RunnerStats.bytes_in`` counts the bytes written.
+
 Buffer ownership: the runner owns every static buffer. ``run`` copies the caller's inputs in (the caller
 keeps its arrays) and returns *views of the static output buffers*: they stay valid until the next
 ``run`` or ``reset`` on the same runner, which overwrite or free them. Copy what must outlive that; the
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 BuffersT = TypeVar("BuffersT")
 GraphT = TypeVar("GraphT")
 ShapeKey = tuple[tuple[str, tuple[int, ...], str], ...]
+# What static buffers and a captured graph are specific to: the shapes, and which inputs are constants.
+RunnerKey = tuple[ShapeKey, frozenset[str]]
 
 
 class GraphOps(Protocol[BuffersT, GraphT]):
@@ -45,14 +51,20 @@ class GraphOps(Protocol[BuffersT, GraphT]):
 
     spec: GraphSpec
 
-    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> BuffersT:
-        """Static input and output buffers (device, and pinned host where the backend stages copies)."""
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]], constants: frozenset[str]) -> BuffersT:
+        """Static input and output buffers (device, and pinned host where the backend stages copies).
+        constants: the inputs written by write_constants, which a launch or graph must not copy."""
         ...
 
     def release(self, buffers: BuffersT) -> None: ...
 
     def write_inputs(self, buffers: BuffersT, feeds: Mapping[str, np.ndarray]) -> None:
-        """Copy host arrays into the static input buffers (or their pinned staging)."""
+        """Copy host arrays into the static input buffers (or their pinned staging, copied to the device
+        by the launch or the graph)."""
+        ...
+
+    def write_constants(self, buffers: BuffersT, constants: Mapping[str, np.ndarray]) -> None:
+        """Copy constants all the way to the device buffers now: no launch or graph copies them."""
         ...
 
     def launch(self, buffers: BuffersT) -> None:
@@ -89,12 +101,14 @@ class RunnerStats:
     replays: int = 0
     allocations: int = 0
     dropped_graphs: int = 0
+    bytes_in: int = 0  # host bytes written into input buffers, constants included
 
 
 class CudaGraphRunner(Generic[BuffersT, GraphT]):
     """Static buffers, warm-up, capture and replay for one network on one shape at a time.
 
     enabled=False keeps the static buffers and launches every run (the no-CUDA-graph baseline).
+    capture_failed tells that a capture was tried and failed: the runner launches from then on.
     """
 
     def __init__(self, ops: GraphOps[BuffersT, GraphT], warmup: int = 1, enabled: bool = True) -> None:
@@ -103,8 +117,11 @@ class CudaGraphRunner(Generic[BuffersT, GraphT]):
         self.ops = ops
         self.warmup = warmup
         self.enabled = enabled
+        self.capture_failed = False
         self.stats = RunnerStats()
-        self.key: ShapeKey | None = None
+        self.key: RunnerKey | None = None
+        self.constants: dict[str, np.ndarray] = {}
+        self._constants_written = False
         self._buffers: BuffersT | None = None
         self._graph: GraphT | None = None
         self._runs = 0
@@ -113,16 +130,38 @@ class CudaGraphRunner(Generic[BuffersT, GraphT]):
     def captured(self) -> bool:
         return self._graph is not None
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether runs are (or, after warm-up, will be) replays of a CUDA graph."""
+        return self.enabled and not self.capture_failed
+
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        """Inputs every later run shares until :meth:`unbind_constants`; written on the next run only."""
+        self.constants = dict(constants)
+        self._constants_written = False
+
+    def unbind_constants(self) -> None:
+        self.constants = {}
+        self._constants_written = False
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Copy feeds in, launch or replay, return views of the static outputs."""
-        key = shape_key(feeds)
+        """Copy feeds (and constants not yet written) in, launch or replay, return views of the static
+        outputs."""
+        key = (shape_key({**self.constants, **feeds}), frozenset(self.constants))
         if key != self.key or self._buffers is None:
             self.reset()
-            self._buffers = self.ops.allocate({name: shape for name, shape, _ in key})
+            shapes = {name: shape for name, shape, _ in key[0]}
+            self._buffers = self.ops.allocate(shapes, key[1])
             self.key = key
             self.stats.allocations += 1
+            self._constants_written = False
         buffers = self._buffers
+        if not self._constants_written and self.constants:
+            self.ops.write_constants(buffers, self.constants)
+            self.stats.bytes_in += _nbytes(self.constants)
+            self._constants_written = True
         self.ops.write_inputs(buffers, feeds)
+        self.stats.bytes_in += _nbytes(feeds)
         if not self.enabled or self._runs < self.warmup:
             self.ops.launch(buffers)
             self.stats.launches += 1
@@ -150,6 +189,7 @@ class CudaGraphRunner(Generic[BuffersT, GraphT]):
                 stacklevel=3,
             )
             self.enabled = False
+            self.capture_failed = True
             return None
         self.stats.captures += 1
         return graph
@@ -171,18 +211,41 @@ class CudaGraphRunner(Generic[BuffersT, GraphT]):
         self.key = None
 
 
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return sum(int(np.asarray(value).nbytes) for value in arrays.values())
+
+
+def graph_providers(base: str, runners: Iterable[CudaGraphRunner[Any, Any]], requested: bool) -> list[str]:
+    """A graph's providers as they really run: ``base:cuda-graph`` only while CUDA graphs were asked for
+    and no runner's capture has failed."""
+    replaying = requested and all(runner.replays_graphs for runner in runners)
+    return [f"{base}:cuda-graph" if replaying else base]
+
+
 class GuardedGraph:
     """An fp16 graph with an fp32 fallback: the SD VAE overflows in fp16 (NaN or black images).
 
-    Runs the fp16 graph; when an output holds a non-finite value, warns and reruns in fp32.
+    Runs the fp16 graph; when an output holds a non-finite value, warns and reruns in fp32. Constants
+    bound to it are bound to both.
     """
 
     def __init__(self, primary: Any, fallback: Any) -> None:
         self.spec: GraphSpec = primary.spec
         self.primary = primary
         self.fallback = fallback
-        self.providers: list[str] = [*primary.providers, "fp32-fallback"]
         self.fallbacks = 0
+
+    @property
+    def providers(self) -> list[str]:
+        return [*self.primary.providers, "fp32-fallback"]
+
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        self.primary.bind_constants(constants)
+        self.fallback.bind_constants(constants)
+
+    def unbind_constants(self) -> None:
+        self.primary.unbind_constants()
+        self.fallback.unbind_constants()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.primary.run(feeds)

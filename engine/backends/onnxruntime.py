@@ -1,4 +1,4 @@
-"""Backends that run one compiled network, behind a small interface the pipeline relies on.
+"""The onnxruntime backend: ONNX graphs on the CPU or CUDA execution provider, with an optimized-graph cache.
 
 A backend loads a graph file for a :class:`~engine.specs.GraphSpec`; the loaded :class:`Graph` checks
 its inputs against the spec and returns outputs by the spec's names. The ONNX Runtime backend saves
@@ -17,29 +17,33 @@ This module imports only numpy, onnxruntime, the standard library and engine mod
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from engine.backends.cuda_graph import ShapeKey, shape_key
+from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
+from engine.hashing import graph_content_hash, json_digest
 from engine.machine import machine_fingerprint, physical_cores
-from engine.specs import GraphSpec, check_inputs
+from engine.specs import GraphSpec, Network, check_inputs
+
+if TYPE_CHECKING:
+    from engine.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +87,6 @@ _ORT_DTYPES = {
 }
 
 
-# An ONNX StringStringEntryProto whose key is "location": the file of an external tensor.
-_LOCATION_ENTRY = re.compile(rb"\x0a\x08location\x12")
-
-
 # How ONNX Runtime refuses enable_cuda_graph at session creation (control-flow nodes, or nodes off the
 # CUDA EP); older releases say "graph capture feature".
 _CAPTURE_REFUSED = re.compile(r"(cuda graph|graph capture) feature", re.IGNORECASE)
@@ -115,57 +115,31 @@ class Provider(str, Enum):
 class OrtOptions:
     """How ONNX Runtime sessions are made.
 
-    provider: None picks CUDA when onnxruntime-gpu provides it, else CPU.
-    intra_op_threads: None uses the physical cores (hyper-threads slow fp32 GEMMs down).
+    device: ``cpu``, ``cuda`` or ``cuda:N``; None picks CUDA when onnxruntime-gpu provides it, else CPU.
+    threads: intra-op threads; None uses the physical cores (hyper-threads slow fp32 GEMMs down).
     cache_optimized: save the optimized graph in the cache folder and reuse it on later loads.
     external_min_bytes: initializers at least this large go to the cached graph's data file
         (graphs over 2 GB cannot be one protobuf).
-    io_binding: run through :class:`BoundRunner` (static buffers on the provider's device, no per-run
-        output allocation); None turns it on for CUDA, off for the CPU.
-    cuda_graph: ONNX Runtime's CUDA graph (CUDA provider and io_binding only; provider None then means
-        CUDA): one graph captured per input shape, kept while the graph is loaded.
-    device_id: the CUDA device (the CPU provider has only device 0).
+    io_binding: run through :class:`BoundRunner` (static buffers on the device, no per-run output
+        allocation, constants copied once per generation); auto: on for CUDA, off for the CPU.
+    cuda_graph: ONNX Runtime's CUDA graph (CUDA and io_binding only; device None then means CUDA): one
+        graph captured per input shape, kept while the graph is loaded; auto: off.
     fused_attention: run a graph's ONNX Runtime variant (attention fused into MultiHeadAttention)
         where the engine folder has one; False runs the standard graph TensorRT builds from.
     """
 
-    provider: Provider | None = None
-    intra_op_threads: int | None = None
+    device: Device | None = None
+    threads: int | None = None
     cache_optimized: bool = True
     external_min_bytes: int = 1024
-    io_binding: bool | None = None
-    cuda_graph: bool = False
-    device_id: int = 0
+    io_binding: Switch = Switch.AUTO
+    cuda_graph: Switch = Switch.AUTO
     fused_attention: bool = True
 
 
 def available_providers() -> list[str]:
     """Execution providers of the installed onnxruntime build."""
     return list(ort.get_available_providers())
-
-
-def external_data_files(network_file: Path) -> list[Path]:
-    """Files holding a graph's external initializers, read from the ONNX protobuf without `onnx`."""
-    found: dict[Path, None] = {}
-    if network_file.stat().st_size == 0:  # mmap rejects empty files; ONNX Runtime reports them
-        return []
-    with open(network_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for match in _LOCATION_ENTRY.finditer(data):
-            length, start = _varint(data, match.end())
-            location = bytes(data[start : start + length]).decode("utf-8", errors="replace")
-            found[network_file.parent / location] = None
-    missing = [path.name for path in found if not path.is_file()]
-    if missing:
-        raise EngineFolderError(f"{network_file}: external data file(s) {missing} are missing")
-    return list(found)
-
-
-def graph_content_hash(network_file: Path) -> str:
-    """sha256 over the graph file and its external data files (names and bytes)."""
-    digest = hashlib.sha256()
-    for path in [network_file, *external_data_files(network_file)]:
-        digest.update(f"{path.name}\0{_file_sha256(path)}\0".encode())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -179,7 +153,7 @@ class CacheKey:
     machine: tuple[tuple[str, str], ...]
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        return json_digest(self.to_json())
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -190,13 +164,15 @@ class CacheKey:
 @dataclass
 class BoundShape:
     """The IO binding of one input shape: static input OrtValues, and static outputs once a run showed
-    their shapes (empty until then). graph_id is ONNX Runtime's CUDA-graph id for this shape, or None."""
+    their shapes (empty until then). graph_id is ONNX Runtime's CUDA-graph id for this shape, or None.
+    constants_version: the runner's constants generation last copied into these inputs (-1: none)."""
 
     binding: ort.IOBinding
     inputs: dict[str, ort.OrtValue]
     run_options: ort.RunOptions
     graph_id: int | None
     outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
+    constants_version: int = -1
 
 
 class BoundRunner:
@@ -206,6 +182,10 @@ class BoundRunner:
     every run). The first run of a shape lets ONNX Runtime allocate the outputs, which shows their shapes;
     later runs write into static output OrtValues of those shapes. Without a CUDA graph, a new shape frees
     the previous shape's buffers.
+
+    Constants (:meth:`bind_constants`, e.g. a generation's prompt embeddings) are copied into a shape's
+    inputs once per bind; a run then copies only the inputs it is given. ``bytes_in`` counts every byte
+    copied host -> device (for tests and benchmarks).
 
     With cuda_graph (the session made with enable_cuda_graph), each shape gets its own gpu_graph_id. Its
     first run uses id -1 (no capture: the outputs are not bound yet); in its second run ONNX Runtime makes
@@ -230,20 +210,41 @@ class BoundRunner:
         self.device_id = device_id
         self.cuda_graph = cuda_graph
         self.current: BoundShape | None = None
+        self.bytes_in = 0
+        self.constants: dict[str, np.ndarray] = {}
+        self._constants_version = 0
         self._session = session
         self._shapes: dict[ShapeKey, BoundShape] = {}
         self._graph_ids = itertools.count(1)
         self._first_run_options = _run_options(NO_GRAPH if cuda_graph else None)
 
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        """Inputs every later run shares, copied to a shape's buffers on its next run only."""
+        self.constants = {name: np.ascontiguousarray(value) for name, value in constants.items()}
+        self._constants_version += 1
+
+    def unbind_constants(self) -> None:
+        self.constants = {}
+        self._constants_version += 1
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy feeds into the shape's static inputs, run, return host copies of the outputs by name."""
-        bound = self._bind(feeds)
-        for name, value in feeds.items():
-            bound.inputs[name].update_inplace(np.ascontiguousarray(value))
+        """Copy feeds (and constants not yet copied) into the shape's static inputs, run, return host
+        copies of the outputs by name."""
+        bound = self._bind({**self.constants, **feeds})
+        if bound.constants_version != self._constants_version:
+            self._write(bound, self.constants)
+            bound.constants_version = self._constants_version
+        self._write(bound, feeds)
         if not bound.outputs:
             return self._first_run(bound)
         self._session.run_with_iobinding(bound.binding, bound.run_options)
         return _host_copies(self.output_names, [bound.outputs[name] for name in self.output_names])
+
+    def _write(self, bound: BoundShape, feeds: Mapping[str, np.ndarray]) -> None:
+        for name, value in feeds.items():
+            array = np.ascontiguousarray(value)
+            bound.inputs[name].update_inplace(array)
+            self.bytes_in += array.nbytes
 
     def _bind(self, feeds: Mapping[str, np.ndarray]) -> BoundShape:
         key = shape_key(feeds)
@@ -290,6 +291,8 @@ class OrtGraph:
     loaded_from is the file the session read: the cached optimized graph whenever the cache was used;
     cache_hit tells whether that graph was already there (True) or made by this load (False).
     runner: runs through IO binding when given (see :class:`BoundRunner`), else through session.run.
+    Bound constants (:meth:`bind_constants`) go to the runner's device buffers once; without a runner
+    they are merged into every run's feeds.
     """
 
     def __init__(
@@ -306,28 +309,45 @@ class OrtGraph:
         self.loaded_from = loaded_from
         self.cache_hit = cache_hit
         self.runner = runner
+        self.constants: dict[str, np.ndarray] = {}
         self._session = session
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check feeds against the spec (TypeError/ValueError naming the input), then run."""
-        check_inputs(self.spec, feeds)
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        """Inputs that stay the same until :meth:`unbind_constants` (checked with every run's feeds)."""
+        self.constants = dict(constants)
         if self.runner is not None:
-            return self.runner.run({name: feeds[name] for name in self.spec.input_names})
-        outputs = self._session.run(self.spec.output_names, dict(feeds))
+            self.runner.bind_constants(constants)
+
+    def unbind_constants(self) -> None:
+        self.constants = {}
+        if self.runner is not None:
+            self.runner.unbind_constants()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check feeds (with the bound constants) against the spec (TypeError/ValueError naming the
+        input), then run."""
+        merged = {**self.constants, **feeds}
+        check_inputs(self.spec, merged)
+        if self.runner is not None:
+            return self.runner.run({name: feeds[name] for name in self.spec.input_names if name in feeds})
+        outputs = self._session.run(self.spec.output_names, {n: merged[n] for n in self.spec.input_names})
         return dict(zip(self.spec.output_names, outputs, strict=True))
 
 
 class OnnxRuntimeBackend:
-    """ONNX Runtime on the CPU or CUDA execution provider."""
+    """ONNX Runtime on the CPU or a CUDA device: loads graph files (see :func:`open_engine` for a folder)."""
 
     name = "onnxruntime"
 
     def __init__(self, options: OrtOptions = OrtOptions()):
         self.options = options
-        self.provider = _resolve_provider(options.provider or (Provider.CUDA if options.cuda_graph else None))
-        self.io_binding = self.provider is Provider.CUDA if options.io_binding is None else options.io_binding
-        _check_device_options(options, self.provider, self.io_binding)
-        self.threads = options.intra_op_threads or physical_cores()
+        self.cuda_graph = Switch.of(options.cuda_graph).resolve(False)
+        requested = options.device or (CUDA if self.cuda_graph else None)
+        self.provider = _resolve_provider(requested)
+        self.device_id = requested.index if requested is not None else 0
+        self.io_binding = Switch.of(options.io_binding).resolve(self.provider is Provider.CUDA)
+        _check_device_options(self.provider, self.io_binding, self.cuda_graph)
+        self.threads = options.threads or physical_cores()
 
     def load(
         self,
@@ -368,9 +388,7 @@ class OnnxRuntimeBackend:
         runner = None
         if self.io_binding:
             device = self.provider.device_type
-            runner = BoundRunner(
-                session, spec.output_names, device, self.options.device_id, self.options.cuda_graph
-            )
+            runner = BoundRunner(session, spec.output_names, device, self.device_id, self.cuda_graph)
         return OrtGraph(session, spec, loaded_from, cache_hit, runner)
 
     def _load_cached(self, source: Path, spec: GraphSpec, cache_dir: Path, digest: str | None) -> OrtGraph:
@@ -452,39 +470,53 @@ class OnnxRuntimeBackend:
         try:
             return ort.InferenceSession(str(path), options, providers=providers)
         except _ORT_ERRORS as error:
-            raise _load_error(path, error, self.options.cuda_graph) from error
+            raise _load_error(path, error, self.cuda_graph) from error
 
     def _cuda_options(self) -> dict[str, str]:
         """CUDA provider options: the device, and ONNX Runtime's CUDA graph when asked for."""
-        options = {"device_id": str(self.options.device_id)}
-        if self.options.cuda_graph:
+        options = {"device_id": str(self.device_id)}
+        if self.cuda_graph:
             options["enable_cuda_graph"] = "1"
         return options
 
 
-def _resolve_provider(requested: Provider | None) -> Provider:
-    """The provider to use; CUDA must be present (ONNX Runtime would silently fall back to CPU)."""
+def _resolve_provider(requested: Device | None) -> Provider:
+    """The provider of a device; CUDA must be present (ONNX Runtime would silently fall back to CPU)."""
     available = available_providers()
     if requested is None:
         return Provider.CUDA if Provider.CUDA.value in available else Provider.CPU
-    if requested.value not in available:
+    provider = Provider.CUDA if requested.kind is DeviceKind.CUDA else Provider.CPU
+    if provider.value not in available:
         raise MissingDependencyError(
-            f"ONNX Runtime provider {requested.value} is not available (have {available}); "
-            f"install onnxruntime-gpu: {GPU_INSTALL_HINT}"
+            f"ONNX Runtime provider {provider.value} is not available for device {requested} (have "
+            f"{available}); install onnxruntime-gpu: {GPU_INSTALL_HINT}"
         )
-    return requested
+    return provider
 
 
-def _check_device_options(options: OrtOptions, provider: Provider, io_binding: bool) -> None:
+def _check_device_options(provider: Provider, io_binding: bool, cuda_graph: bool) -> None:
     """Refuse option combinations that cannot work, rather than ignoring one of them."""
-    if options.device_id < 0 or (provider is Provider.CPU and options.device_id != 0):
-        raise EngineError(f"device_id={options.device_id} is not a device of {provider.value}")
-    if options.cuda_graph and provider is not Provider.CUDA:
-        raise EngineError(f"cuda_graph=True needs provider {Provider.CUDA.value}, not {provider.value}")
-    if options.cuda_graph and not io_binding:
-        raise EngineError(
-            "cuda_graph=True needs io_binding: a CUDA graph replays fixed input and output memory"
-        )
+    if cuda_graph and provider is not Provider.CUDA:
+        raise EngineError(f"cuda_graph needs device cuda ({Provider.CUDA.value}), not {provider.value}")
+    if cuda_graph and not io_binding:
+        raise EngineError("cuda_graph needs io_binding: a CUDA graph replays fixed input and output memory")
+
+
+def open_engine(
+    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
+) -> Callable[[Network], OrtGraph]:
+    """A loader of the engine folder's graphs (options: see :class:`OrtOptions`); the attention-fused
+    variant where the folder has one, optimized graphs cached under ``ENGINE_DIR/.cache/onnxruntime``."""
+    backend = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
+    cache_dir = Path(engine_dir) / ".cache" / "onnxruntime"
+
+    def load(network: Network) -> OrtGraph:
+        entry = manifest.graphs[network]
+        chosen = entry.onnxruntime if entry.onnxruntime and backend.options.fused_attention else entry
+        path = Path(engine_dir) / chosen.file
+        return backend.load(path, entry.spec, cache_dir=cache_dir, content_hash=chosen.sha256)
+
+    return load
 
 
 def _load_error(path: Path, error: Exception, cuda_graph: bool) -> EngineError:
@@ -557,24 +589,3 @@ def _write_sidecar(staging: Path, key: CacheKey, source: Path) -> None:
         raise OSError(f"ONNX Runtime wrote no {CACHED_MODEL} into {staging}")
     sidecar = {"digest": key.digest(), "key": key.to_json(), "source": str(source), "sizes": sizes}
     (staging / CACHE_SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _varint(data: mmap.mmap, position: int) -> tuple[int, int]:
-    """Decode a protobuf varint at position; return (value, position after it)."""
-    value, shift = 0, 0
-    while position < len(data):
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        position += 1
-        if not byte & 0x80:
-            return value, position
-        shift += 7
-    return value, position

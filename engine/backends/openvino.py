@@ -3,7 +3,7 @@
 Why: on CPUs with native bfloat16 (Intel AMX or AVX512-BF16, AMD Zen 4/5) OpenVINO runs the SD 1.5
 UNet about 3x faster than fp32 ONNX Runtime, and the images stay within the project's 40 dB bar of
 the fp32 ones (measured on this project's machine: see the README's Performance section). fp32
-(``precision="f32"``) is there for comparison; it is no faster than ONNX Runtime.
+(``precision="fp32"``) is there for comparison; it is no faster than ONNX Runtime.
 
 bf16 keeps fp32's exponent range, so the SD VAE, which overflows in fp16, is safe in it. A bf16 request
 on a CPU without bf16 arithmetic is refused (OpenVINO would emulate it slowly), never silently downgraded.
@@ -13,42 +13,40 @@ it, OpenVINO 2026.4 returned NaN from the tiny UNets in bf16 (reproducibly; with
 load compiles (seconds). Every output is checked: a non-finite value raises instead of becoming a black
 image.
 
-openvino is imported only inside :func:`open_openvino`: this module imports without it.
+openvino is imported only inside :func:`open_engine`: this module imports without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.backends.options import parse_backend_options
+from engine.backends.options import CPU, Device, DeviceKind, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
-from engine.specs import GraphSpec, Network, check_inputs
+from engine.specs import GraphSpec, Network, Precision, check_inputs
 
 OPENVINO_HINT = 'pip install "sd-engine[openvino]"'
 CACHE_SUBDIR = Path(".cache") / "openvino"
 
 
-class OvPrecision(str, Enum):
-    """OpenVINO's inference precision on the CPU."""
-
-    BF16 = "bf16"
-    F32 = "f32"
+# OpenVINO's INFERENCE_PRECISION_HINT values of the precisions it runs on the CPU.
+OV_PRECISIONS = {Precision.BF16: "bf16", Precision.FP32: "f32"}
 
 
 @dataclass(frozen=True)
 class OpenVinoOptions:
-    """precision: bf16 (needs a CPU with bf16 arithmetic) or f32; threads None: OpenVINO's choice
-    (the physical cores); cache: keep compiled models under the engine folder (see the module notes)."""
+    """device: ``cpu`` only; precision: bf16 (needs a CPU with bf16 arithmetic) or fp32; threads None:
+    OpenVINO's choice (the physical cores); cache: keep compiled models under the engine folder (see the
+    module notes)."""
 
-    precision: OvPrecision = OvPrecision.BF16
+    device: Device = CPU
+    precision: Precision = Precision.BF16
     threads: int | None = None
     cache: bool = False
 
@@ -61,19 +59,28 @@ def import_openvino() -> Any:
     return openvino
 
 
-def check_precision(core: Any, precision: OvPrecision) -> None:
+def check_options(options: OpenVinoOptions) -> None:
+    """The CPU, in a precision OpenVINO runs there."""
+    if options.device.kind is not DeviceKind.CPU:
+        raise EngineError(f"the openvino backend runs on cpu, not {options.device}")
+    if options.precision not in OV_PRECISIONS:
+        valid = ", ".join(p.value for p in OV_PRECISIONS)
+        raise EngineError(f"the openvino backend runs in {valid}, not {options.precision.value}")
+
+
+def check_precision(core: Any, precision: Precision) -> None:
     """bf16 only where the CPU computes in it; OpenVINO would otherwise emulate or fall back."""
     capabilities = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    if precision is OvPrecision.BF16 and "BF16" not in capabilities:
+    if precision is Precision.BF16 and "BF16" not in capabilities:
         raise EngineError(
             f"this CPU has no bfloat16 arithmetic (OpenVINO reports {capabilities}); "
-            "use the openvino backend with precision=f32, or the onnxruntime backend"
+            "use the openvino backend with precision=fp32, or the onnxruntime backend"
         )
 
 
 def compile_properties(options: OpenVinoOptions) -> dict[str, Any]:
     properties: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": options.precision.value,
+        "INFERENCE_PRECISION_HINT": OV_PRECISIONS[options.precision],
         "PERFORMANCE_HINT": "LATENCY",  # one request at a time, every core on it
     }
     if options.threads is not None:
@@ -84,7 +91,7 @@ def compile_properties(options: OpenVinoOptions) -> dict[str, Any]:
 class OvGraph:
     """One compiled network behind the Graph interface; outputs are copies the caller owns."""
 
-    def __init__(self, compiled: Any, spec: GraphSpec, path: Path, precision: OvPrecision) -> None:
+    def __init__(self, compiled: Any, spec: GraphSpec, path: Path, precision: Precision) -> None:
         check_interface(compiled, spec, path)
         self.spec = spec
         self.providers = [f"openvino:CPU:{precision.value}"]
@@ -103,7 +110,7 @@ class OvGraph:
         if bad:
             raise EngineError(
                 f"{self.spec.network.value}: OpenVINO ({self.providers[0]}) returned non-finite values in "
-                f"{bad}; run this model with precision=f32 or the onnxruntime backend"
+                f"{bad}; run this model with precision=fp32 or the onnxruntime backend"
             )
         return outputs
 
@@ -120,9 +127,13 @@ def check_interface(compiled: Any, spec: GraphSpec, path: Path) -> None:
         )
 
 
-def open_openvino(engine_dir: Path, manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
-    """A loader of the engine folder's standard ONNX graphs compiled by OpenVINO for the CPU."""
+def open_engine(
+    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
+    """A loader of the engine folder's standard ONNX graphs compiled by OpenVINO for the CPU (options:
+    see :class:`OpenVinoOptions`)."""
     opts = parse_backend_options(OpenVinoOptions, options, "openvino")
+    check_options(opts)
     ov = import_openvino()
     core = ov.Core()
     check_precision(core, opts.precision)

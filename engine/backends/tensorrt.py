@@ -1,6 +1,6 @@
 """The tensorrt runtime backend: built plans behind the runtime's Graph interface, with CUDA graphs.
 
-``open_tensorrt(engine_dir, manifest)`` checks the environment (tensorrt, cuda-python, a GPU), reads
+``open_engine(engine_dir, manifest, options)`` checks the environment (tensorrt, cuda-python, a GPU), reads
 ``tensorrt/plans.json`` written by ``sd-engine build`` and returns a loader the pipeline calls per
 network. A plan is loaded only if its sidecar says it was built from the manifest's ONNX graph, with
 this TensorRT version, on this GPU model, and passed its parity gate; otherwise a one-line
@@ -11,11 +11,12 @@ profile whose ranges cover its shapes), one CUDA stream, and per context a
 :class:`~engine.backends.cuda_graph.CudaGraphRunner` over static device buffers and pinned host
 buffers. A step is: NumPy feeds copied into the pinned input buffers, one CUDA-graph launch holding
 the host-to-device copies, ``execute_async_v3`` and the device-to-host copies, one stream
-synchronisation. ``run``
-returns copies the caller owns; the pinned buffers stay the graph's.
+synchronisation. Constants bound for a generation (prompt embeddings, guidance scale) are copied to
+their device buffers once, outside the graph, which copies only the varying inputs. ``run`` returns
+copies the caller owns; the pinned buffers stay the graph's.
 
-tensorrt and cuda-python are imported only inside :func:`open_tensorrt` (through
-:func:`engine.build_trt.check_environment`).
+tensorrt and cuda-python are imported only inside :func:`open_engine` (through
+:func:`engine.tensorrt.env.check_environment`); nothing of the builder (or polygraphy) is imported.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph
-from engine.backends.options import parse_backend_options
+from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
+from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
 from engine.errors import BuildError, EngineError, EngineFolderError
 from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import GraphSpec, Network, check_inputs
-from engine.tensorrt.env import check_environment, cuda_check, trt_logger
+from engine.tensorrt.env import check_environment, cuda_check, error_count, errors_since, trt_logger
 from engine.tensorrt.plans import PLAN_DIR, GpuInfo, key_mismatch, read_plan_index, read_sidecar
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,13 @@ ProfileRanges = Mapping[str, tuple[Shape, Shape]]
 
 @dataclass(frozen=True)
 class TrtOptions:
-    """cuda_graph: capture the plan's run (copies included) per shape and replay it.
+    """device: ``cuda`` or ``cuda:N``.
+    cuda_graph: capture the plan's run (copies included) per shape and replay it; auto: on.
     timing: record each run's device time (copies included) with CUDA events, in ``device_ms``."""
 
-    cuda_graph: bool = True
+    device: Device = CUDA
+    cuda_graph: Switch = Switch.AUTO
     warmup: int = 1
-    device: int = 0
     timing: bool = False
 
 
@@ -116,6 +118,7 @@ class TrtBuffers:
     host: dict[str, np.ndarray]
     host_ptrs: dict[str, int]
     nbytes: dict[str, int]
+    copied_in: tuple[str, ...] = ()  # inputs each launch / graph copies to the device (not the constants)
 
 
 class TrtOps:
@@ -129,8 +132,10 @@ class TrtOps:
         cudart: Any,
         stream: Any,
         timing: bool = False,
+        logger: Any = None,
     ):
         self.context = context
+        self.logger = logger  # the TensorRT logger (env.trt_logger): its errors go into failure messages
         self.spec = spec
         self.dtypes = dtypes
         self.cudart = cudart
@@ -142,16 +147,24 @@ class TrtOps:
             else None
         )
 
-    def allocate(self, shapes: Mapping[str, Shape]) -> TrtBuffers:
+    def allocate(self, shapes: Mapping[str, Shape], constants: frozenset[str] = frozenset()) -> TrtBuffers:
         for name, shape in shapes.items():
-            if not self.context.set_input_shape(name, shape):
+            before = error_count(self.logger)
+            failure: Exception | None = None
+            try:  # the Python bindings may raise where C++ returns false
+                accepted = self.context.set_input_shape(name, shape)
+            except RuntimeError as error:
+                accepted, failure = False, error
+            if not accepted:
                 raise ValueError(
                     f"{self.spec.network.value}: TensorRT rejected input '{name}' shape {list(shape)}"
+                    f"{errors_since(self.logger, before, failure)}"
                 )
         all_shapes = dict(shapes)
         for name in self.spec.output_names:
             all_shapes[name] = tuple(int(d) for d in self.context.get_tensor_shape(name))
-        buffers = TrtBuffers({}, {}, {}, {})
+        copied_in = tuple(name for name in self.spec.input_names if name not in constants)
+        buffers = TrtBuffers({}, {}, {}, {}, copied_in)
         try:
             for name, shape in all_shapes.items():
                 self._allocate_tensor(buffers, name, shape)
@@ -182,8 +195,24 @@ class TrtOps:
         buffers.host.clear()
 
     def write_inputs(self, buffers: TrtBuffers, feeds: Mapping[str, np.ndarray]) -> None:
+        """Into the pinned host buffers; the launch (or the graph) copies them to the device."""
         for name, value in feeds.items():
             np.copyto(buffers.host[name], value, casting="no")
+
+    def write_constants(self, buffers: TrtBuffers, constants: Mapping[str, np.ndarray]) -> None:
+        """Into the pinned host buffers and on to the device now, on the stream (ordered before the next
+        launch; the previous run's synchronisation means no copy of them is in flight)."""
+        to_device = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name, value in constants.items():
+            np.copyto(buffers.host[name], value, casting="no")
+            args = (
+                buffers.device[name],
+                buffers.host_ptrs[name],
+                buffers.nbytes[name],
+                to_device,
+                self.stream,
+            )
+            cuda_check(self.cudart.cudaMemcpyAsync(*args), "cudaMemcpyAsync")
 
     def _enqueue(self, buffers: TrtBuffers) -> None:
         """Host-to-device copies, the plan, device-to-host copies: all on the stream, nothing waits."""
@@ -192,7 +221,7 @@ class TrtOps:
             cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
             cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
         )
-        for name in self.spec.input_names:
+        for name in buffers.copied_in:
             args = (buffers.device[name], buffers.host_ptrs[name], buffers.nbytes[name], to_device, stream)
             cuda_check(cudart.cudaMemcpyAsync(*args), "cudaMemcpyAsync")
         if not self.context.execute_async_v3(int(stream)):
@@ -285,8 +314,9 @@ class TrtGraph:
 
     def __init__(self, trt: Any, cudart: Any, engine: Any, spec: GraphSpec, plan: Path, options: TrtOptions):
         self.spec = spec
-        self.providers = ["tensorrt:cuda-graph" if options.cuda_graph else "tensorrt"]
         self.plan = plan
+        self.cuda_graph = Switch.of(options.cuda_graph).resolve(True)
+        self.constants: dict[str, np.ndarray] = {}
         self._trt, self._cudart, self._engine, self._options = trt, cudart, engine, options
         self._dtypes = engine_io(trt, engine, spec, plan)
         self._ranges = profile_ranges(engine, spec)
@@ -296,10 +326,28 @@ class TrtGraph:
         self._runners: dict[int, CudaGraphRunner] = {}
         self._contexts: dict[int, Any] = {}
 
+    @property
+    def providers(self) -> list[str]:
+        """``tensorrt:cuda-graph`` while CUDA graphs are on and no capture failed, else ``tensorrt``."""
+        return graph_providers("tensorrt", self._runners.values(), self.cuda_graph)
+
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        """Inputs copied to the device once per bind (per profile's buffers), not at every run."""
+        self.constants = dict(constants)
+        for runner in self._runners.values():
+            runner.bind_constants(self.constants)
+
+    def unbind_constants(self) -> None:
+        self.constants = {}
+        for runner in self._runners.values():
+            runner.unbind_constants()
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check feeds against the spec, run on the covering profile, return arrays the caller owns."""
-        check_inputs(self.spec, feeds)
-        shapes = {name: tuple(feeds[name].shape) for name in self.spec.input_names}
+        """Check feeds (with the bound constants) against the spec, run on the covering profile, return
+        arrays the caller owns."""
+        merged = {**self.constants, **feeds}
+        check_inputs(self.spec, merged)
+        shapes = {name: tuple(merged[name].shape) for name in self.spec.input_names}
         index = choose_profile(self._ranges, shapes)
         if index is None:
             shown = {k: list(v) for k, v in shapes.items()}
@@ -308,7 +356,9 @@ class TrtGraph:
                 f"{shown} (profiles: {describe_ranges(self._ranges)}); "
                 "rebuild with `sd-engine build` and the --batch / --size you need"
             )
-        outputs = self._runner(index).run({name: feeds[name] for name in self.spec.input_names})
+        runner = self._runner(index)
+        varying = {name: merged[name] for name in self.spec.input_names if name not in self.constants}
+        outputs = runner.run(varying)
         return {name: np.array(outputs[name], copy=True) for name in self.spec.output_names}
 
     def _runner(self, index: int) -> CudaGraphRunner:
@@ -320,16 +370,23 @@ class TrtGraph:
                 raise EngineError(
                     f"TensorRT could not create an execution context for {self.plan.name} (GPU memory?)"
                 )
+            logger = trt_logger(self._trt)
+            before = error_count(logger)
+            failure: Exception | None = None
             try:  # the Python bindings raise on failure where C++ returns false
                 accepted = context.set_optimization_profile_async(index, int(self._stream))
-            except RuntimeError:
-                accepted = False
+            except RuntimeError as error:
+                accepted, failure = False, error
             if not accepted:
-                raise EngineError(f"TensorRT rejected optimization profile {index} of {self.plan.name}")
+                raise EngineError(
+                    f"TensorRT rejected optimization profile {index} of {self.plan.name}"
+                    f"{errors_since(logger, before, failure)}"
+                )
             opts = self._options
-            ops = TrtOps(context, self.spec, self._dtypes, self._cudart, self._stream, opts.timing)
+            ops = TrtOps(context, self.spec, self._dtypes, self._cudart, self._stream, opts.timing, logger)
             self._contexts[index] = context
-            self._runners[index] = CudaGraphRunner(ops, opts.warmup, opts.cuda_graph)
+            self._runners[index] = CudaGraphRunner(ops, opts.warmup, self.cuda_graph)
+            self._runners[index].bind_constants(self.constants)  # a profile first used mid-generation
         return self._runners[index]
 
     @property
@@ -349,10 +406,14 @@ class TrtGraph:
             self._stream = None
 
 
-def open_tensorrt(engine_dir: Path, manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
+def open_engine(
+    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
     """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
     opts = parse_backend_options(TrtOptions, options, "tensorrt")
-    trt, cudart, gpu = check_environment(opts.device)
+    if opts.device.kind is not DeviceKind.CUDA:
+        raise EngineError(f"the tensorrt backend runs on cuda, not {opts.device}")
+    trt, cudart, gpu = check_environment(opts.device.index)
     root = Path(engine_dir)
     index = read_plan_index(root)
     runtime = trt.Runtime(trt_logger(trt))

@@ -7,16 +7,20 @@ the manifest records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.errors import EngineFolderError, MissingDependencyError
+from engine.backends.options import CPU, Device, DeviceKind, parse_backend_options
+from engine.errors import EngineError, MissingDependencyError
 from engine.manifest import Manifest
-from engine.specs import GraphSpec, Network, check_inputs
+from engine.specs import GraphSpec, Network, Precision, check_inputs
+
+if TYPE_CHECKING:
+    from engine.runtime import Graph
 
 
 def _import_torch() -> Any:
@@ -69,18 +73,33 @@ class TorchBackend:
     def from_manifest(cls, manifest: Manifest, device: str = "cpu") -> TorchBackend:
         """Load the source model folder recorded in the manifest (it must still exist)."""
         _import_torch()
-        from engine.models.folder import inspect_model_folder
-        from engine.models.torch_modules import load_source_model
+        from engine.models.torch_modules import load_source_from_manifest
 
-        model_dir = manifest.source.get("model_dir")
-        if not model_dir or not Path(model_dir).is_dir():
-            raise EngineFolderError(
-                f"torch backend: the source model folder {model_dir!r} named in the manifest is gone"
-            )
-        source = load_source_model(inspect_model_folder(model_dir))
+        source = load_source_from_manifest(manifest)
         specs = {network: entry.spec for network, entry in manifest.graphs.items()}
         return cls(source, specs, device)
 
     def load(self, network: Network) -> TorchGraph:
         module = self.source.wrapper(network).to(self.device)
         return TorchGraph(self.specs[network], module, self.device)
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """device: ``cpu`` (torch-cuda is the GPU backend); precision: fp32 only (the reference)."""
+
+    device: Device = CPU
+    precision: Precision = Precision.FP32
+
+
+def open_engine(
+    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
+    """A loader of the manifest's source networks in torch on the CPU (options: see :class:`TorchOptions`)."""
+    opts = parse_backend_options(TorchOptions, options, "torch")
+    if opts.device.kind is not DeviceKind.CPU or opts.precision is not Precision.FP32:
+        raise EngineError(
+            f"the torch backend runs fp32 on the cpu, not {opts.precision.value} on {opts.device}; "
+            "use the torch-cuda backend for the GPU"
+        )
+    return TorchBackend.from_manifest(manifest, str(opts.device)).load

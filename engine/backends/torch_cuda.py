@@ -2,15 +2,16 @@
 
 The same source modules as :mod:`engine.backends.torch_cpu` (the reference path), moved to the GPU: the text
 encoder and UNet in fp16 behind a float32 boundary (graphs keep the spec's float32 inputs and outputs;
-the timestep stays float32, as diffusers computes its embedding), the VAE in fp32 unless ``vae_fp16``
-asks for fp16 with an fp32 rerun on overflow. Every network runs through a
+the timestep stays float32, as diffusers computes its embedding), the VAE in fp32 unless
+``vae_precision`` asks for fp16 (with an fp32 rerun on overflow) or bf16. Every network runs through a
 :class:`~engine.backends.cuda_graph.CudaGraphRunner` (static device buffers, pinned host staging, one private
 CUDA stream); the UNet's runner captures a ``torch.cuda.CUDAGraph`` per shape and replays it.
 
 Fused classifier-free guidance: the ``unet_cfg`` network is :class:`engine.models.torch_modules.GuidedUNet`
 around the same fp16 UNet (shared weights, its own captured graph): B latents, 2B embeddings and the
 guidance scale in, the guided noise out, so the duplication of the latents and the guidance combine
-happen on the GPU and half as many latents cross the bus each step.
+happen on the GPU and half as many latents cross the bus each step. The embeddings and the guidance
+scale, bound once per generation, are copied to the GPU once, not at every step.
 
 torch is imported inside functions: this module imports without it.
 """
@@ -25,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph
-from engine.backends.options import parse_backend_options
-from engine.errors import EngineFolderError, MissingDependencyError
+from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
+from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
+from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import (
@@ -61,13 +62,15 @@ def import_cuda_torch() -> Any:
 
 @dataclass(frozen=True)
 class TorchCudaOptions:
-    """cuda_graph: capture and replay the UNet; timing: record each run's device time (CUDA events)."""
+    """device: ``cuda`` or ``cuda:N``; cuda_graph: capture and replay the UNet (auto: on);
+    precision: the text encoder's and UNet's; vae_precision: fp32, bf16, or fp16 guarded by an fp32
+    rerun on overflow; timing: record each run's device time (CUDA events)."""
 
-    cuda_graph: bool = True
+    device: Device = CUDA
+    cuda_graph: Switch = Switch.AUTO
     precision: Precision = Precision.FP16
-    vae_fp16: bool = False
+    vae_precision: Precision = Precision.FP32
     warmup: int = 2
-    device: str = "cuda"
     timing: bool = False
 
 
@@ -104,20 +107,22 @@ class TorchBuffers:
 class TorchCudaOps:
     """GraphOps on torch: all device work on one private stream; graphs are torch.cuda.CUDAGraph."""
 
-    def __init__(self, module: Any, spec: GraphSpec, device: str, timing: bool = False) -> None:
+    def __init__(self, module: Any, spec: GraphSpec, device: Device, timing: bool = False) -> None:
         import torch
 
         self.torch = torch
         self.module = module
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = torch.device(str(device))
         self.stream = torch.cuda.Stream(device=self.device)  # capture needs a non-default stream
         torch.cuda.synchronize(self.device)  # weights were copied on the default stream
         self.timing = timing
         self.device_ms: list[float] = []
         self._events: tuple[Any, Any] | None = None
 
-    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> TorchBuffers:
+    def allocate(
+        self, shapes: Mapping[str, tuple[int, ...]], constants: frozenset[str] = frozenset()
+    ) -> TorchBuffers:
         torch = self.torch
         dtypes = {t.name: getattr(torch, t.dtype) for t in self.spec.inputs}
         with torch.cuda.stream(self.stream):  # the allocator then ties these buffers to our stream
@@ -131,10 +136,15 @@ class TorchCudaOps:
             group.clear()
 
     def write_inputs(self, buffers: TorchBuffers, feeds: Mapping[str, np.ndarray]) -> None:
+        """Through the pinned staging to the device buffers, on the stream (before the next launch)."""
         with self.torch.cuda.stream(self.stream):
             for name, value in feeds.items():
                 np.copyto(buffers.staging[name].numpy(), value, casting="no")
                 buffers.inputs[name].copy_(buffers.staging[name], non_blocking=True)
+
+    def write_constants(self, buffers: TorchBuffers, constants: Mapping[str, np.ndarray]) -> None:
+        """The same copy: no recorded graph holds input copies here."""
+        self.write_inputs(buffers, constants)
 
     def _forward(self, buffers: TorchBuffers) -> dict[str, Any]:
         out = self.module(*(buffers.inputs[name] for name in self.spec.input_names))
@@ -186,19 +196,35 @@ class TorchCudaOps:
 
 
 class TorchCudaGraph:
-    """One network on the GPU behind the Graph interface."""
+    """One network on the GPU behind the Graph interface; constants bound once per generation."""
 
-    def __init__(self, spec: GraphSpec, module: Any, options: TorchCudaOptions, capture: bool) -> None:
+    def __init__(
+        self, spec: GraphSpec, module: Any, options: TorchCudaOptions, precision: Precision, capture: bool
+    ) -> None:
         self.spec = spec
-        graph_tag = ":cuda-graph" if capture else ""
-        self.providers = [f"torch:{options.device}:{options.precision.value}{graph_tag}"]
+        self.capture = capture
+        self.label = f"torch:{options.device}:{precision.value}"
         self.ops = TorchCudaOps(module, spec, options.device, options.timing)
         self.runner = CudaGraphRunner(self.ops, options.warmup, enabled=capture)
 
+    @property
+    def providers(self) -> list[str]:
+        """With ``:cuda-graph`` only while the graph is captured (or will be) and no capture failed."""
+        return graph_providers(self.label, [self.runner], self.capture)
+
+    def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
+        self.runner.bind_constants(constants)
+
+    def unbind_constants(self) -> None:
+        self.runner.unbind_constants()
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check feeds against the spec, run (or replay), return float32 arrays the caller owns."""
-        check_inputs(self.spec, feeds)
-        outputs = self.runner.run({name: feeds[name] for name in self.spec.input_names})
+        """Check feeds (with the bound constants) against the spec, run (or replay), return float32
+        arrays the caller owns."""
+        constants = self.runner.constants
+        check_inputs(self.spec, {**constants, **feeds})
+        varying = {name: feeds[name] for name in self.spec.input_names if name not in constants}
+        outputs = self.runner.run(varying)
         return {name: np.array(outputs[name], copy=True) for name in self.spec.output_names}
 
     @property
@@ -211,64 +237,67 @@ class TorchCudaGraph:
         self.runner.reset()
 
 
-def load_source(manifest: Manifest) -> Any:
-    """The source model folder recorded in the manifest, loaded in float32 on the CPU."""
-    from engine.models.folder import inspect_model_folder
-    from engine.models.torch_modules import load_source_model
-
-    model_dir = manifest.source.get("model_dir")
-    if not model_dir or not Path(model_dir).is_dir():
-        raise EngineFolderError(
-            f"the torch-cuda backend needs the source model folder {model_dir!r} (from the manifest): "
-            "not found"
-        )
-    return load_source_model(inspect_model_folder(model_dir))
+TORCH_DTYPES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
 
 
-def network_module(source: Any, spec: GraphSpec, device: str, fp16: bool) -> Any:
-    """A network's wrapper module on the device, fp16 behind a float32 boundary when asked."""
+def network_module(source: Any, spec: GraphSpec, device: Device, precision: Precision) -> Any:
+    """A network's wrapper module on the device, in ``precision`` behind a float32 boundary."""
     import copy
 
     import torch
 
     wrapper = source.wrapper(spec.network)
-    if not fp16:
-        return wrapper.to(device)
+    if precision is Precision.FP32:
+        return wrapper.to(str(device))
     if spec.network in (Network.VAE_DECODER, Network.VAE_ENCODER):
-        wrapper = copy.deepcopy(wrapper)  # the fp32 VAE shares these weights and stays fp32
+        wrapper = copy.deepcopy(wrapper)  # an fp32 VAE may share these weights and stays fp32
     keep = tuple(i for i, name in enumerate(spec.input_names) if name in FLOAT32_INPUTS)
-    return cast_boundary(wrapper, torch.float16, keep).to(device)
+    return cast_boundary(wrapper, getattr(torch, TORCH_DTYPES[precision]), keep).to(str(device))
 
 
-def open_torch_cuda(manifest: Manifest, **options: Any) -> Callable[[Network], Graph]:
+def open_engine(
+    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
+) -> Callable[[Network], Graph]:
     """A loader of the manifest's source networks on the GPU (options: see :class:`TorchCudaOptions`)."""
     opts = parse_backend_options(TorchCudaOptions, options, "torch-cuda")
+    if opts.device.kind is not DeviceKind.CUDA:
+        raise EngineError(f"the torch-cuda backend runs on cuda, not {opts.device}")
     import_cuda_torch()
-    source = load_source(manifest)
-    half = opts.precision is Precision.FP16
+    from engine.models.torch_modules import load_source_from_manifest
+
+    source = load_source_from_manifest(manifest)
+    capture = Switch.of(opts.cuda_graph).resolve(True)
     unets: dict[str, Any] = {}  # the unet and unet_cfg graphs share one module (and its weights)
 
     def unet_module() -> Any:
         if "unet" not in unets:
-            unets["unet"] = network_module(source, manifest.graphs[Network.UNET].spec, opts.device, half)
+            spec = manifest.graphs[Network.UNET].spec
+            unets["unet"] = network_module(source, spec, opts.device, opts.precision)
         return unets["unet"]
+
+    def vae(spec: GraphSpec) -> Graph:
+        fp32 = TorchCudaGraph(
+            spec, network_module(source, spec, opts.device, Precision.FP32), opts, Precision.FP32, False
+        )
+        if opts.vae_precision is Precision.FP32:
+            return fp32
+        low = network_module(source, spec, opts.device, opts.vae_precision)
+        graph = TorchCudaGraph(spec, low, opts, opts.vae_precision, False)
+        return GuardedGraph(graph, fp32) if opts.vae_precision is Precision.FP16 else graph
 
     def load(network: Network) -> Graph:
         if network not in manifest.graphs:
             raise EngineFolderError(f"the engine folder has no {network.value} graph")
         spec = manifest.graphs[network].spec
         if network is Network.UNET:
-            return TorchCudaGraph(spec, unet_module(), opts, opts.cuda_graph)
+            return TorchCudaGraph(spec, unet_module(), opts, opts.precision, capture)
         if network is Network.UNET_CFG:
             from engine.models.torch_modules import GuidedUNet
 
-            return TorchCudaGraph(spec, GuidedUNet(unet_module()).eval(), opts, opts.cuda_graph)
+            return TorchCudaGraph(spec, GuidedUNet(unet_module()).eval(), opts, opts.precision, capture)
         if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
-            fp32 = TorchCudaGraph(spec, network_module(source, spec, opts.device, False), opts, False)
-            if not opts.vae_fp16:
-                return fp32
-            fp16 = TorchCudaGraph(spec, network_module(source, spec, opts.device, True), opts, False)
-            return GuardedGraph(fp16, fp32)
-        return TorchCudaGraph(spec, network_module(source, spec, opts.device, half), opts, False)
+            return vae(spec)
+        module = network_module(source, spec, opts.device, opts.precision)
+        return TorchCudaGraph(spec, module, opts, opts.precision, False)
 
     return load

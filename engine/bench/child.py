@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     entered = time.time()
     spec = ChildSpec.from_json(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
     spawn_time = float(argv[1])
-    progress = RunProgress(spec.contender.value, spec.warmup, spec.runs)
+    progress = RunProgress(spec.contender.name, spec.warmup, spec.runs)
     try:
         result = measure(spec, spawn_time, entered, progress)
     except (EngineError, ValueError) as error:

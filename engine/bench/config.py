@@ -2,63 +2,178 @@
 
 Every check happens here, before any model is built or process spawned, and fails with one line
 (``ValueError``) that names the bad value.
+
+A contender is written ``NAME[:OPTION+OPTION...]``: ``diffusers`` or an sd-engine backend name
+(``engine.pipeline.BackendName``, declared once), with options from one vocabulary: ``eager`` /
+``graph`` (CUDA graphs off / on), ``fused`` / ``unfused`` (classifier-free guidance inside the
+``unet_cfg`` graph / on the host) and ``fp16`` / ``fp32`` (diffusers' precision). For example
+``torch-cuda:graph+fused``, ``onnxruntime:unfused``, ``tensorrt:eager+unfused``, ``diffusers:fp16``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
+import shutil
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from engine import sizes
+
 MAX_SIDE = 4096
 SIZE_MULTIPLE = 8
-
-
-class Contender(str, Enum):
-    """Who runs the work: diffusers (torch eager) or sd-engine on one backend."""
-
-    DIFFUSERS = "diffusers"
-    ONNXRUNTIME = "onnxruntime"
-    TORCH = "torch"
-    TENSORRT = "tensorrt"
-    OPENVINO = "openvino"
-
-    @property
-    def label(self) -> str:
-        return _LABELS[self]
-
-    @property
-    def is_engine(self) -> bool:
-        return self is not Contender.DIFFUSERS
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """Python packages the contender's process imports."""
-        return _NEEDS[self]
-
-
-_LABELS = {
-    Contender.DIFFUSERS: "diffusers (torch eager)",
-    Contender.ONNXRUNTIME: "sd-engine (ONNX Runtime)",
-    Contender.TORCH: "sd-engine (torch)",
-    Contender.TENSORRT: "sd-engine (TensorRT)",
-    Contender.OPENVINO: "sd-engine (OpenVINO bf16)",
-}
-_NEEDS = {
-    Contender.DIFFUSERS: ("torch", "diffusers", "transformers"),
-    Contender.ONNXRUNTIME: ("onnxruntime",),
-    Contender.TORCH: ("torch", "diffusers", "transformers"),
-    Contender.TENSORRT: ("tensorrt",),
-    Contender.OPENVINO: ("openvino",),
-}
+DIFFUSERS = "diffusers"
+REFERENCE_BASELINE = "baseline"  # PSNR against the first contender's first image
+REFERENCE_CPU_FP32 = "cpu-fp32"  # PSNR against diffusers fp32 on the CPU (one extra run)
 
 
 class Device(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class Option(str, Enum):
+    """Contender options, one vocabulary for every contender (each maps to a setting below)."""
+
+    EAGER = "eager"
+    GRAPH = "graph"
+    FUSED = "fused"
+    UNFUSED = "unfused"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+# option -> (Contender field, value)
+_OPTION_FIELDS = {
+    Option.EAGER: ("cuda_graph", False),
+    Option.GRAPH: ("cuda_graph", True),
+    Option.FUSED: ("fused_cfg", True),
+    Option.UNFUSED: ("fused_cfg", False),
+    Option.FP16: ("fp16", True),
+    Option.FP32: ("fp16", False),
+}
+_NEEDS = {
+    DIFFUSERS: ("torch", "diffusers", "transformers"),
+    "onnxruntime": ("onnxruntime",),
+    "torch": ("torch", "diffusers", "transformers"),
+    "torch-cuda": ("torch", "diffusers", "transformers"),
+    "tensorrt": ("tensorrt",),
+    "openvino": ("openvino",),
+}
+_LABELS = {
+    DIFFUSERS: "diffusers (torch eager)",
+    "onnxruntime": "sd-engine (ONNX Runtime)",
+    "torch": "sd-engine (torch)",
+    "torch-cuda": "sd-engine (torch-cuda)",
+    "tensorrt": "sd-engine (TensorRT)",
+    "openvino": "sd-engine (OpenVINO bf16)",
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    """sd-engine's backend names, read from their one declaration (the runtime's registry)."""
+    from engine.runtime import backend_names as names
+
+    return tuple(names())
+
+
+def _backend(kind: str) -> Any:
+    from engine.runtime import BackendName
+
+    return BackendName(kind)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """Who runs the work: diffusers or sd-engine on one backend, with its options.
+
+    cuda_graph / fused_cfg: None leaves the backend's default (fused guidance whenever the engine
+    folder has the ``unet_cfg`` graph). fp16: diffusers in half precision (CUDA only).
+    """
+
+    kind: str  # "diffusers" or a backend name
+    cuda_graph: bool | None = None
+    fused_cfg: bool | None = None
+    fp16: bool = False
+
+    @property
+    def name(self) -> str:
+        """The contender as written on the command line, options in a fixed order; the report's key."""
+        options = [
+            {True: Option.GRAPH, False: Option.EAGER}.get(self.cuda_graph),  # type: ignore[arg-type]
+            {True: Option.FUSED, False: Option.UNFUSED}.get(self.fused_cfg),  # type: ignore[arg-type]
+            Option.FP16 if self.fp16 else None,
+        ]
+        words = [o.value for o in options if o is not None]
+        return self.kind + (":" + "+".join(words) if words else "")
+
+    @property
+    def label(self) -> str:
+        base = _LABELS.get(self.kind, f"sd-engine ({self.kind})")
+        if self.kind == DIFFUSERS and self.fp16:
+            base = "diffusers (torch eager fp16)"
+        words = self.name.partition(":")[2].replace("fp16", "").strip("+")
+        return f"{base} {words.replace('+', ' + ')}" if words else base
+
+    @property
+    def is_engine(self) -> bool:
+        return self.kind != DIFFUSERS
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Python packages the contender's process imports."""
+        return _NEEDS.get(self.kind, ())
+
+    def runs_on(self, device: Device) -> bool:
+        """diffusers runs anywhere; a backend where the registry says it can."""
+        if self.kind == DIFFUSERS:
+            return True
+        backend = _backend(self.kind)
+        return backend.runs_on_cuda if device is Device.CUDA else backend.runs_on_cpu
+
+    @staticmethod
+    def parse(text: str) -> Contender:
+        """``"torch-cuda:graph+fused"`` -> Contender; ValueError naming the bad part."""
+        kind, _, rest = text.strip().lower().partition(":")
+        valid = (DIFFUSERS, *backend_names())
+        if kind not in valid:
+            raise ValueError(f"unknown contender {kind!r}; valid contenders: {', '.join(valid)}")
+        settings: dict[str, bool] = {}
+        for word in (w.strip() for w in rest.split("+")) if rest else ():
+            try:
+                field, value = _OPTION_FIELDS[Option(word)]
+            except ValueError:
+                raise ValueError(
+                    f"unknown option {word!r} in contender {text.strip()!r}; valid options: {_valid(Option)}"
+                ) from None
+            if settings.get(field, value) != value:
+                raise ValueError(f"contender {text.strip()!r} sets {field} both ways")
+            settings[field] = value
+        contender = Contender(kind, **settings)
+        contender.check_options()
+        return contender
+
+    def check_options(self) -> None:
+        if self.kind == DIFFUSERS and (self.cuda_graph is not None or self.fused_cfg is not None):
+            raise ValueError(f"contender {self.name!r}: diffusers takes only fp16 / fp32")
+        if self.kind != DIFFUSERS and self.fp16:
+            raise ValueError(f"contender {self.name!r}: fp16 / fp32 is a diffusers option")
+        if self.cuda_graph is not None and not _backend(self.kind).has_cuda_graphs:
+            graphs = ", ".join(n for n in backend_names() if _backend(n).has_cuda_graphs)
+            raise ValueError(f"contender {self.name!r}: eager / graph is an option of {graphs}")
+
+    def check_device(self, device: Device) -> None:
+        """ValueError when the contender cannot run on ``device``."""
+        if not self.runs_on(device):
+            other = Device.CPU if device is Device.CUDA else Device.CUDA
+            where = "the CPU" if other is Device.CPU else "a CUDA GPU"
+            raise ValueError(
+                f"contender {self.name!r} runs on {where}; "
+                f"drop it from --contenders or use --device {other.value}"
+            )
+        if device is Device.CPU and (self.cuda_graph or self.fp16):
+            raise ValueError(f"contender {self.name!r}: graph and fp16 need --device cuda")
 
 
 @dataclass(frozen=True)
@@ -99,6 +214,8 @@ class BenchConfig:
     device: Device = Device.CPU
     prompt_source: str = "built-in"
     prewarm_files: bool = True
+    psnr_reference: str = REFERENCE_BASELINE
+    skipped: tuple[tuple[str, str], ...] = ()  # (contender name, why it cannot run here)
 
     @property
     def baseline(self) -> Contender:
@@ -114,40 +231,42 @@ class BenchConfig:
             "model_dir": str(self.model_dir),
             "engine_dir": str(self.engine_dir),
             "model": self.model_label,
-            "contenders": [c.value for c in self.contenders],
-            "baseline": self.baseline.value,
+            "contenders": [c.name for c in self.contenders],
+            "baseline": self.baseline.name,
             "runs": self.runs,
             "warmup": self.warmup,
             "device": self.device.value,
             "prompt_source": self.prompt_source,
             "prewarm_files": self.prewarm_files,
+            "psnr_reference": self.psnr_reference,
+            "skipped": dict(self.skipped),
             "workload": {**asdict(self.workload), "prompts": list(self.workload.prompts)},
         }
 
 
 def parse_contenders(text: str) -> tuple[Contender, ...]:
-    """``"diffusers,onnxruntime"`` -> contenders in order, without repeats."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ValueError("--contenders is empty; give at least one of: " + _valid(Contender))
+    """``"diffusers,onnxruntime,torch-cuda:graph+fused"`` -> contenders in order, without repeats."""
+    parts = [n for n in text.split(",") if n.strip()]
+    if not parts:
+        raise ValueError("--contenders is empty; give at least one of: " + ", ".join(contender_kinds()))
     out: list[Contender] = []
-    for name in names:
-        try:
-            contender = Contender(name)
-        except ValueError:
-            raise ValueError(f"unknown contender {name!r}; valid contenders: {_valid(Contender)}") from None
+    for part in parts:
+        contender = Contender.parse(part)
         if contender not in out:
             out.append(contender)
     return tuple(out)
 
 
+def contender_kinds() -> tuple[str, ...]:
+    return (DIFFUSERS, *backend_names())
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """``"256"`` -> (256, 256); ``"512x768"`` -> (512, 768); sides must be multiples of 8 px."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
-    if match is None:
-        raise ValueError(f"--size must be N or WxH in pixels (e.g. 512 or 512x768), got {text!r}")
-    width = int(match.group(1))
-    height = int(match.group(2) or width)
+    try:
+        width, height = sizes.parse_size(text, square_ok=True)
+    except ValueError:
+        raise ValueError(f"--size must be N or WxH in pixels (e.g. 512 or 512x768), got {text!r}") from None
     for side in (width, height):
         if side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE:
             raise ValueError(
@@ -173,30 +292,68 @@ def check_sampler(sampler: str, contenders: tuple[Contender, ...]) -> None:
     from engine.sampling.registry import lookup
 
     entry = lookup(sampler)  # ValueError listing the valid names
-    if Contender.DIFFUSERS in contenders and entry.diffusers_class is None:
+    if any(not c.is_engine for c in contenders) and entry.diffusers_class is None:
         raise ValueError(
             f"sampler {sampler!r} has no diffusers scheduler; "
             "pick another sampler or drop diffusers from --contenders"
         )
 
 
-def check_installed(contenders: tuple[Contender, ...]) -> None:
-    """Each contender's packages must be importable (checked without importing them)."""
-    for contender in contenders:
-        missing = [m for m in contender.needs if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(
-                f"contender {contender.value!r} needs {', '.join(missing)}, which is not installed"
-                + (' (pip install "sd-engine[export]")' if "torch" in missing else "")
-            )
-
-
 def check_device(contenders: tuple[Contender, ...], device: Device) -> None:
-    """CPU-only contenders cannot take part in a GPU benchmark."""
-    if device is Device.CUDA and Contender.OPENVINO in contenders:
-        raise ValueError(
-            "contender 'openvino' runs on the CPU; drop it from --contenders or use --device cpu"
-        )
+    """Every contender must run on the device; ``--device cuda`` needs a CUDA GPU."""
+    for contender in contenders:
+        contender.check_device(device)
+    if device is Device.CUDA:
+        missing = cuda_missing()
+        if missing:
+            raise ValueError(f"--device cuda: {missing}; run the CPU contenders with --device cpu")
+
+
+def cuda_missing() -> str | None:
+    """Why no CUDA GPU can be used here, or None (asks torch when installed, else nvidia-smi)."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA GPU visible to torch"
+    return None if shutil.which("nvidia-smi") else "no NVIDIA driver (nvidia-smi not found)"
+
+
+def unavailable(contender: Contender, device: Device, engine_dir: Path | None) -> str | None:
+    """Why a contender cannot run on this machine, or None: packages, providers, TensorRT plans."""
+    missing = [m for m in contender.needs if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = ' (pip install "sd-engine[export]")' if "torch" in missing else ""
+        return f"needs {', '.join(missing)}, which is not installed{hint}"
+    if contender.kind == "onnxruntime" and device is Device.CUDA:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return 'onnxruntime has no CUDA provider (pip install "sd-engine[gpu]")'
+    plans = None if engine_dir is None else engine_dir / "tensorrt" / "plans.json"
+    if contender.kind == "tensorrt" and plans is not None and not plans.is_file():
+        return f"no TensorRT plans in {engine_dir}: run `sd-engine build {engine_dir}` first"
+    return None
+
+
+def check_available(
+    contenders: tuple[Contender, ...], device: Device, engine_dir: Path | None, skip: bool
+) -> tuple[tuple[Contender, ...], tuple[tuple[str, str], ...]]:
+    """The contenders that can run here and the skipped ones with their reasons.
+
+    Without ``skip`` the first contender that cannot run is refused (ValueError); the baseline is
+    never skipped.
+    """
+    kept: list[Contender] = []
+    skipped: list[tuple[str, str]] = []
+    for index, contender in enumerate(contenders):
+        reason = unavailable(contender, device, engine_dir)
+        if reason is None:
+            kept.append(contender)
+        elif skip and index > 0:
+            skipped.append((contender.name, reason))
+        else:
+            raise ValueError(f"contender {contender.name!r} cannot run here: {reason}")
+    return tuple(kept), tuple(skipped)
 
 
 def _valid(enum: type[Enum]) -> str:
@@ -222,7 +379,7 @@ class ChildSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "contender": self.contender.value,
+            "contender": self.contender.name,
             "model_dir": str(self.model_dir),
             "engine_dir": None if self.engine_dir is None else str(self.engine_dir),
             "workload": {**asdict(self.workload), "prompts": list(self.workload.prompts)},
@@ -237,7 +394,7 @@ class ChildSpec:
         workload = dict(data["workload"])
         workload["prompts"] = tuple(workload["prompts"])
         return ChildSpec(
-            contender=Contender(data["contender"]),
+            contender=Contender.parse(data["contender"]),
             model_dir=Path(data["model_dir"]),
             engine_dir=None if data["engine_dir"] is None else Path(data["engine_dir"]),
             workload=Workload(**workload),

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine.bench.config import ChildSpec, Contender, Device
+from engine.bench.config import ChildSpec, Contender, Device, Workload
 from engine.bench.machine import package_versions
 from engine.logs import quiet_libraries
 
@@ -44,50 +44,91 @@ class Runner(Protocol):
 
 
 def make_runner(spec: ChildSpec) -> Runner:
-    if spec.contender is Contender.DIFFUSERS:
+    if not spec.contender.is_engine:
         return DiffusersRunner(spec)
     return EngineRunner(spec)
 
 
+# Backends whose graphs record each run's device time (CUDA events) when asked to.
+TIMED_BACKENDS = ("torch-cuda", "tensorrt")
+
+
+def backend_options(contender: Contender, device: Device) -> dict[str, Any]:
+    """The options ``Pipeline.load`` passes to the contender's backend."""
+    options: dict[str, Any] = {}
+    if contender.cuda_graph is not None:
+        options["cuda_graph"] = contender.cuda_graph
+    if contender.kind in TIMED_BACKENDS:
+        options["timing"] = True
+    if contender.kind == "onnxruntime":  # left to itself it would pick CUDA whenever it can
+        options["device"] = device.value
+    return options
+
+
+def build_request(workload: Workload, prompt: str) -> Any:
+    """The generation of one run as a GenerationRequest (the value the CLI builds too)."""
+    from engine.pipeline.request import GenerationRequest
+
+    w = workload
+    settings = {
+        "steps": w.steps,
+        "guidance_scale": w.guidance_scale,
+        "width": w.width,
+        "height": w.height,
+        "sampler": w.sampler,
+        "seed": w.seed,
+        "batch_size": w.batch_size,
+    }
+    return GenerationRequest.create(prompt, w.negative_prompt, **settings)
+
+
 class EngineRunner:
-    """sd-engine on one backend (the contender's name)."""
+    """sd-engine on one backend (the contender's kind), with the contender's options."""
 
     def __init__(self, spec: ChildSpec) -> None:
         if spec.engine_dir is None:
-            raise ValueError(f"contender {spec.contender.value} needs an engine folder")
+            raise ValueError(f"contender {spec.contender.name} needs an engine folder")
         self.spec = spec
         self.engine_dir: Path = spec.engine_dir
         self.pipe: Any = None
         self.ort_cache_present = False
+        self.used: dict[str, None] = {}  # graphs the generations ran, in order of first use
 
     def import_libraries(self) -> None:
         importlib.import_module("engine.pipeline")
-        if self.spec.contender is Contender.TORCH:
+        if self.spec.contender.kind in ("torch", "torch-cuda"):
             importlib.import_module("torch")
             quiet_libraries()
-
-    def backend_options(self) -> dict[str, Any]:
-        if self.spec.device is not Device.CUDA:
-            return {}
-        if self.spec.contender is Contender.ONNXRUNTIME:
-            from engine.backends.onnxruntime import Provider
-
-            return {"provider": Provider.CUDA}
-        return {"device": "cuda"} if self.spec.contender is Contender.TORCH else {}
 
     def load(self) -> None:
         from engine.pipeline import Pipeline
 
         cache = self.engine_dir / ".cache" / "onnxruntime"
         self.ort_cache_present = cache.is_dir() and any(cache.iterdir())
+        contender = self.spec.contender
         self.pipe = Pipeline.load(
-            self.engine_dir, backend=self.spec.contender.value, **self.backend_options()
+            self.engine_dir,
+            backend=contender.kind,
+            fused_cfg=contender.fused_cfg,
+            **backend_options(contender, self.spec.device),
         )
 
+    def unet_network(self, request: Any) -> Any:
+        from engine.specs import Network
+
+        return Network.UNET_CFG if self.pipe.uses_fused_cfg(request) else Network.UNET
+
     def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
+        from engine.specs import Network
         from engine.text.conditioning import EmbeddingCache
 
-        w = self.spec.workload
+        request = build_request(self.spec.workload, prompt)
+        unet_network = self.unet_network(request)
+        for network in (Network.TEXT_ENCODER, unet_network, Network.VAE_DECODER):
+            self.used[network.value] = None
+        unet = self.pipe.graph(unet_network)  # loaded with the pipeline: the run uses it anyway
+        clock = getattr(unet, "device_ms", None)
+        done = len(clock) if clock is not None else 0
         calls = [0]
 
         def callback(info: Any) -> None:
@@ -95,40 +136,47 @@ class EngineRunner:
             on_step(info.step, info.total)
 
         self.pipe.embeddings = EmbeddingCache()  # every run pays for its text encoder, as in diffusers
-        result = self.pipe.generate(
-            prompt,
-            w.negative_prompt,
-            steps=w.steps,
-            guidance_scale=w.guidance_scale,
-            width=w.width,
-            height=w.height,
-            sampler=w.sampler,
-            seed=w.seed,
-            batch_size=w.batch_size,
-            callback=callback,
-        )
+        result = self.pipe.run(request, on_step=callback)
         stages = {name: float(value) for name, value in result.timings.items()}
         stages["unet_calls"] = float(calls[0])
+        if clock is not None:
+            stages.update(device_stages(list(unet.device_ms)[done:]))
         return np.asarray(result.images[0]), stages
 
     def info(self) -> dict[str, Any]:
+        """What the run used; reads only graphs the generations loaded (loading more would show in
+        the peak RSS read after this)."""
         from engine.machine import physical_cores
         from engine.specs import Network
 
+        graphs = list(self.used)
+        unet = next(Network(g) for g in graphs if g in (Network.UNET.value, Network.UNET_CFG.value))
         info: dict[str, Any] = {
-            "backend": self.spec.contender.value,
-            "providers": list(self.pipe.graph(Network.UNET).providers),
+            "backend": self.spec.contender.kind,
+            "contender": self.spec.contender.name,
+            "graphs": graphs,
+            "fused_cfg": unet is Network.UNET_CFG,
+            "providers": list(self.pipe.graph(unet).providers),
             "versions": package_versions(("onnxruntime", "numpy", "tokenizers", "pillow")),
         }
-        if self.spec.contender is Contender.ONNXRUNTIME:
+        if self.spec.contender.kind == "onnxruntime":
             info["intra_op_threads"] = physical_cores()
             info["optimized_graph_cache_present"] = self.ort_cache_present
-        if self.spec.contender is Contender.TORCH:
+        if self.spec.contender.kind in ("torch", "torch-cuda"):
             info.update(torch_info())
         return info
 
     def peak_gpu_mib(self) -> float | None:
-        return torch_peak_gpu_mib() if self.spec.contender is Contender.TORCH else None
+        return torch_peak_gpu_mib() if self.spec.contender.kind in ("torch", "torch-cuda") else None
+
+
+def device_stages(device_ms: list[float]) -> dict[str, float]:
+    """The UNet's device time per step (CUDA events) of one run; its first step is left out when
+    there are others (it can include a CUDA-graph capture or lazy allocation)."""
+    if not device_ms:
+        return {}
+    steady = device_ms[1:] or device_ms
+    return {"unet_device_per_step": float(np.mean(steady))}
 
 
 def torch_info() -> dict[str, Any]:
@@ -180,12 +228,14 @@ class StageClock:
 
 
 class DiffusersRunner:
-    """diffusers' StableDiffusionPipeline in torch eager mode, fp32: the baseline users know."""
+    """diffusers' StableDiffusionPipeline in torch eager mode, fp32 (fp16 on request): the baseline
+    users know. On CUDA the UNet's device time is also recorded with CUDA events."""
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.pipe: Any = None
         self.clock = StageClock()
+        self.events: list[tuple[Any, Any]] = []
 
     def import_libraries(self) -> None:
         for name in ("torch", "diffusers", "transformers"):
@@ -199,7 +249,10 @@ class DiffusersRunner:
         from engine.sampling.registry import lookup
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            self.spec.model_dir, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+            self.spec.model_dir,
+            safety_checker=None,
+            requires_safety_checker=False,
+            torch_dtype=torch.float16 if self.spec.contender.fp16 else torch.float32,
         )
         entry = lookup(self.spec.workload.sampler)
         scheduler_class = getattr(diffusers, str(entry.diffusers_class))
@@ -216,7 +269,27 @@ class DiffusersRunner:
             (pipe.scheduler, "scale_model_input", "scale_model_input"),
         ):
             self.clock.wrap(obj, method, name)
+        if cuda:
+            self.record_unet_events(pipe.unet)
         self.pipe = pipe
+
+    def record_unet_events(self, unet: Any) -> None:
+        """CUDA events around each UNet forward of this instance (no synchronisation inside the loop)."""
+        import torch
+
+        inner = unet.forward
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                end.record()
+                self.events.append((start, end))
+
+        unet.forward = timed
 
     def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
         import torch
@@ -229,6 +302,7 @@ class DiffusersRunner:
             return {}
 
         self.clock.reset()
+        self.events.clear()
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.pipe(
@@ -244,7 +318,11 @@ class DiffusersRunner:
                 callback_on_step_end=callback,
             )
         total = (time.perf_counter() - start) * 1000
-        return np.asarray(out.images[0]), self.stages(total)
+        stages = self.stages(total)
+        if self.events:
+            torch.cuda.synchronize()
+            stages.update(device_stages([a.elapsed_time(b) for a, b in self.events]))
+        return np.asarray(out.images[0]), stages
 
     def stages(self, total_ms: float) -> dict[str, float]:
         t, calls = self.clock.totals, max(self.clock.calls["unet"], 1)
@@ -260,7 +338,8 @@ class DiffusersRunner:
 
     def info(self) -> dict[str, Any]:
         versions = package_versions(("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow"))
-        return {"device": self.spec.device.value, "versions": versions, **torch_info()}
+        dtype = "float16" if self.spec.contender.fp16 else "float32"
+        return {"device": self.spec.device.value, "dtype": dtype, "versions": versions, **torch_info()}
 
     def peak_gpu_mib(self) -> float | None:
         return torch_peak_gpu_mib() if self.spec.device is Device.CUDA else None

@@ -13,6 +13,8 @@ from typing import Any
 Row = tuple[str, list[str]]
 MISSING = "-"
 GPU_ROW = "peak GPU memory"
+# Rows shown only when some contender has a value (GPU runs).
+OPTIONAL_ROWS = (GPU_ROW, "UNet device time, per step", "loop - UNet device, per step")
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -63,11 +65,16 @@ def _stage_rows(entries: list[Mapping[str, Any]]) -> list[Row]:
             cells.append(_with_ratio(text, _ratio(e, ratio)) if ratio else text)
         return cells
 
+    def device(name: str) -> list[str]:
+        return [fmt_ms(e["summary"].get(name)) if e.get("summary") else MISSING for e in entries]
+
     return [
         ("CLIP text encoder", stage("text_encoder", "text_encoder")),
         ("UNet, per step", stage("unet_per_step", "unet_per_step")),
+        ("UNet device time, per step", device("unet_device_per_step_ms")),
         ("scheduler, per step", stage("scheduler_per_step")),
         ("host overhead, per step", stage("host_per_step")),
+        ("loop - UNet device, per step", device("gap_per_step_ms")),
         ("VAE decoder", stage("vae_decode", "vae_decode")),
     ]
 
@@ -95,6 +102,7 @@ def _pipeline_rows(entries: list[Mapping[str, Any]], batch: int) -> list[Row]:
         ),
         ("it/s", cell(lambda s: f"{s['it_per_s']:.3f}", "it_per_s")),
         (f"images/s (batch {batch})", cell(lambda s: f"{s['images_per_s']:.4f}", "images_per_s")),
+        ("s/image", cell(lambda s: fmt_s(s["latency_ms"]["p50"] / 1000 / batch))),
         ("load", cell(lambda s: fmt_s(s["load_s"]), "load_s")),
         ("cold start (to first image)", cell(lambda s: fmt_s(s["cold_start_s"]), "cold_start_s")),
         ("peak RSS", cell(lambda s: fmt_mib(s["peak_rss_mib"]), "memory")),
@@ -107,14 +115,30 @@ def table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[Row], list[Ro
     baseline = report["config"]["baseline"]
     entries = []
     for name, entry in report["contenders"].items():
-        error = f"failed: {entry['error']}" if entry["status"] != "ok" else MISSING
+        error = f"{entry['status']}: {entry.get('error', '')}" if entry["status"] != "ok" else MISSING
         entries.append({**entry, "is_baseline": name == baseline, "error_cell": error[:60]})
     titles = [e["label"] for e in entries]
-    pipeline = _pipeline_rows(entries, int(report["config"]["workload"]["batch_size"]))
-    pipeline = [row for row in pipeline if row[0] != GPU_ROW or any(c != MISSING for c in row[1])]
-    psnr = [MISSING if e["is_baseline"] else fmt_psnr(e.get("agreement")) for e in entries]
-    pipeline.append((f"PSNR of first image vs {baseline}", psnr))
-    return titles, _stage_rows(entries), pipeline
+    pipeline = _shown(_pipeline_rows(entries, int(report["config"]["workload"]["batch_size"])))
+    reference = psnr_reference(report)
+    psnr = [
+        MISSING if e["is_baseline"] and reference == baseline else fmt_psnr(e.get("agreement"))
+        for e in entries
+    ]
+    pipeline.append((f"PSNR of first image vs {reference}", psnr))
+    return titles, _shown(_stage_rows(entries)), pipeline
+
+
+def _shown(rows: list[Row]) -> list[Row]:
+    """Rows without the optional ones that no contender fills."""
+    return [row for row in rows if row[0] not in OPTIONAL_ROWS or any(c != MISSING for c in row[1])]
+
+
+def psnr_reference(report: Mapping[str, Any]) -> str:
+    """What the PSNR column compares with: the baseline contender, or diffusers fp32 on the CPU."""
+    config = report["config"]
+    if config.get("psnr_reference") == "cpu-fp32":
+        return "diffusers fp32 CPU"
+    return str(config["baseline"])
 
 
 def render_terminal(report: Mapping[str, Any]) -> str:

@@ -21,22 +21,26 @@ from typing import Any
 import numpy as np
 
 from engine.bench.child import FIRST_IMAGE, RESULT_FILE, child_env
-from engine.bench.config import BenchConfig, ChildSpec, Contender
+from engine.bench.config import DIFFUSERS, REFERENCE_CPU_FP32, BenchConfig, ChildSpec, Contender, Device
 from engine.bench.machine import load_average, machine_info, software_info
 from engine.bench.stats import finalize, image_agreement
+from engine.errors import EngineError
 
 SCHEMA = "sd-engine-bench/1"
 READ_CHUNK = 16 * 2**20
 STATISTICS_NOTE = (
     "latency p50/p90: linear interpolation between closest ranks (numpy's default) over the timed runs; "
     "stage figures: medians over the timed runs; ratios: from those medians; "
-    "host overhead per step: (latency - text encoder - UNet - VAE decode) / UNet evaluations"
+    "host overhead per step: (latency - text encoder - UNet - VAE decode) / UNet evaluations; "
+    "UNet device time per step: CUDA events around the UNet (first step of a run left out), "
+    "where the contender records them; loop minus device per step: (latency - text encoder - "
+    "VAE decode) / UNet evaluations - UNet device time"
 )
 
 
 def files_loaded_by(contender: Contender, config: BenchConfig) -> list[Path]:
     """The files a contender reads when it loads (what to pre-read into the file cache)."""
-    if not contender.is_engine or contender is Contender.TORCH or config.engine_dir is None:
+    if not contender.is_engine or contender.kind in ("torch", "torch-cuda") or config.engine_dir is None:
         return sorted(p for p in config.model_dir.rglob("*") if p.is_file())
     cache = config.engine_dir / ".cache"
     cached = sorted(p for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else []
@@ -103,10 +107,40 @@ def child_spec(config: BenchConfig, contender: Contender, out_dir: Path) -> Chil
     )
 
 
-def run_contenders(config: BenchConfig, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Every contender in order; each result carries its first image under ``"image"``."""
+def reference_spec(config: BenchConfig, out_dir: Path) -> ChildSpec:
+    """diffusers fp32 on the CPU, one untimed generation of the first prompt: the PSNR reference."""
+    return ChildSpec(
+        contender=Contender(DIFFUSERS),
+        model_dir=config.model_dir,
+        engine_dir=None,
+        workload=config.workload,
+        runs=1,
+        warmup=0,
+        device=Device.CPU,
+        out_dir=out_dir,
+    )
+
+
+def run_reference(config: BenchConfig, tmp: Path, say: Callable[[str], None]) -> np.ndarray | None:
+    """The reference image for the PSNR column, or None when that is the baseline's first image."""
+    if config.psnr_reference != REFERENCE_CPU_FP32:
+        return None
+    say("[reference] diffusers fp32 on the CPU: one run for the PSNR column")
+    out_dir = tmp / "reference"
+    result = run_child(reference_spec(config, out_dir))
+    if result["status"] != "ok":
+        raise EngineError(f"the fp32 CPU reference run failed: {result['error']}")
+    return load_image(out_dir / FIRST_IMAGE)
+
+
+def run_contenders(
+    config: BenchConfig, say: Callable[[str], None]
+) -> tuple[dict[str, dict[str, Any]], np.ndarray | None]:
+    """Every contender in order (each result carries its first image under ``"image"``), and the
+    reference image when the PSNR reference is not the baseline."""
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sd-engine-bench-") as tmp:
+        reference = run_reference(config, Path(tmp), say)
         for number, contender in enumerate(config.contenders, start=1):
             say(
                 f"[{number}/{len(config.contenders)}] {contender.label}: {config.warmup} warm-up + "
@@ -114,14 +148,18 @@ def run_contenders(config: BenchConfig, say: Callable[[str], None]) -> dict[str,
             )
             if config.prewarm_files:
                 read_files(files_loaded_by(contender, config))
-            out_dir = Path(tmp) / contender.value
+            out_dir = Path(tmp) / f"{number:02d}"
             result = {"label": contender.label, **run_child(child_spec(config, contender, out_dir))}
             if result["status"] == "ok":
                 result["image"] = load_image(out_dir / FIRST_IMAGE)
             else:
-                say(f"  {contender.value} failed: {result['error']}")
-            results[contender.value] = result
-    return results
+                say(f"  {contender.name} failed: {result['error']}")
+            results[contender.name] = result
+    for name, reason in config.skipped:
+        label = Contender.parse(name).label
+        results[name] = {"label": label, "status": "skipped", "error": reason}
+        say(f"skipped {name}: {reason}")
+    return results, reference
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -131,9 +169,13 @@ def load_image(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def add_agreement(results: dict[str, dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
-    """Each contender's first image against the baseline's (PSNR, max abs diff); images dropped."""
-    reference = results.get(baseline, {}).get("image")
+def add_agreement(
+    results: dict[str, dict[str, Any]], baseline: str, reference: np.ndarray | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each contender's first image against the reference, by default the baseline's (PSNR, max abs
+    diff); images dropped."""
+    if reference is None:
+        reference = results.get(baseline, {}).get("image")
     out = {}
     for name, result in results.items():
         entry = {k: v for k, v in result.items() if k != "image"}
@@ -147,7 +189,7 @@ def measure(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
     """Run the benchmark and build its report (machine, software, config, samples, summaries)."""
     created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     load_start = load_average()
-    results = run_contenders(config, say)
+    results, reference = run_contenders(config, say)
     report = {
         "schema": SCHEMA,
         "created": created,
@@ -156,6 +198,6 @@ def measure(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
         "config": config.to_json(),
         "load_average": {"start": load_start, "end": load_average()},
         "statistics": STATISTICS_NOTE,
-        "contenders": add_agreement(results, config.baseline.value),
+        "contenders": add_agreement(results, config.baseline.name, reference),
     }
     return finalize(report)

@@ -7,7 +7,10 @@ a saved report can be re-summarized (``sd-engine bench --report``) and checked.
 
 "Per step" means per UNet evaluation (the same as per sampler step for first-order samplers).
 Host overhead per step is everything outside the networks, spread over the steps:
-(end-to-end latency - text encoder - UNet - VAE decode) / UNet evaluations.
+(end-to-end latency - text encoder - UNet - VAE decode) / UNet evaluations. Where a contender records
+the UNet's device time (CUDA events), the gap per step is the sampling loop's time per step minus
+that device time: everything the GPU spends not running the UNet (scheduler, guidance, copies,
+synchronisation, launch gaps).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from engine.parity import max_abs, psnr
 
 TIMED = "timed"
 # Stage medians in every summary, in table order.
@@ -57,9 +62,23 @@ def derived(sample: Mapping[str, Any]) -> dict[str, float]:
     latency = float(sample["latency_ms"])
     networks = stages["text_encoder"] + stages["unet_total"] + stages["vae_decode"]
     calls = max(int(stages["unet_calls"]), 1)
-    return {
+    out = {
         "host_per_step": (latency - networks) / calls,
         "denoise_ms": latency - stages["text_encoder"] - stages["vae_decode"],
+    }
+    if "unet_device_per_step" in stages:
+        out["gap_per_step"] = out["denoise_ms"] / calls - stages["unet_device_per_step"]
+    return out
+
+
+def device_summary(rows: Sequence[Mapping[str, float]]) -> dict[str, float | None]:
+    """Medians of the UNet's device time per step and of the loop's time beyond it, where recorded."""
+    timed = [r for r in rows if "unet_device_per_step" in r]
+    if not timed:
+        return {"unet_device_per_step_ms": None, "gap_per_step_ms": None}
+    return {
+        "unet_device_per_step_ms": percentile([r["unet_device_per_step"] for r in timed], 50),
+        "gap_per_step_ms": percentile([r["gap_per_step"] for r in timed], 50),
     }
 
 
@@ -77,6 +96,8 @@ def summarize(contender: Mapping[str, Any], steps: int, batch_size: int) -> dict
         "stages_ms": stages,
         "it_per_s": steps / (percentile([r["denoise_ms"] for r in rows], 50) / 1000),
         "images_per_s": batch_size / (latency["p50"] / 1000),
+        "s_per_image": latency["p50"] / 1000 / batch_size,
+        **device_summary(rows),
         "cold_start_s": timeline["cold_start_s"],
         "load_s": timeline["load_s"],
         "import_s": timeline["import_s"],
@@ -107,10 +128,8 @@ def image_agreement(image: np.ndarray, reference: np.ndarray) -> dict[str, float
     """PSNR (dB, None when identical) and largest absolute difference of two uint8 images."""
     if image.shape != reference.shape:
         raise ValueError(f"images differ in shape: {image.shape} vs {reference.shape}")
-    diff = image.astype(np.float64) - reference.astype(np.float64)
-    mse = float(np.mean(diff**2))
-    psnr = None if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-    return {"psnr_db": psnr, "max_abs_diff": float(np.abs(diff).max())}
+    db = psnr(reference, image, peak=255.0)
+    return {"psnr_db": None if math.isinf(db) else db, "max_abs_diff": max_abs(reference, image)}
 
 
 def finalize(report: Mapping[str, Any]) -> dict[str, Any]:

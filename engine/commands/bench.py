@@ -2,6 +2,8 @@
 
     sd-engine bench --preset sd15 --size 256 --contenders diffusers,onnxruntime --runs 3 --out results/
     sd-engine bench --report results/x.json --compare baseline.json     # re-render / compare, no run
+    sd-engine bench --model M --engine E --device cuda --psnr-reference cpu-fp32 --skip-unavailable \
+        --contenders diffusers:fp16,torch-cuda:eager+unfused,torch-cuda:graph+fused,tensorrt:graph+fused
 
 ``add_command`` registers the subcommand on the `sd-engine` parser; ``main`` runs it alone
 (benchmarks/run.py). User mistakes raise :class:`EngineError` (one line, exit 1); a regression
@@ -59,10 +61,25 @@ def _add_model_arguments(cmd: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--contenders",
         default=DEFAULT_CONTENDERS,
-        help=f"comma-separated, the first is the baseline (default {DEFAULT_CONTENDERS}); "
-        "also torch, tensorrt",
+        metavar="NAME[:OPT+OPT],...",
+        help=f"comma-separated, the first is the baseline (default {DEFAULT_CONTENDERS}); NAME is "
+        "diffusers or a backend (onnxruntime, torch, torch-cuda, tensorrt, openvino); OPT: eager / graph "
+        "(CUDA graphs), fused / unfused (guidance in the unet_cfg graph or on the host), fp16 / fp32 "
+        "(diffusers), e.g. torch-cuda:graph+fused",
     )
-    group.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu)")
+    group.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where diffusers, torch and onnxruntime run "
+        "(default cpu); torch-cuda and tensorrt need cuda, openvino cpu",
+    )
+    group.add_argument(
+        "--skip-unavailable",
+        action="store_true",
+        help="skip (with the reason) contenders this machine cannot run: missing packages, no CUDA "
+        "provider in onnxruntime, no TensorRT plans; default: refuse",
+    )
 
 
 def _add_workload_arguments(cmd: argparse.ArgumentParser) -> None:
@@ -84,6 +101,18 @@ def _add_workload_arguments(cmd: argparse.ArgumentParser) -> None:
 
 def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
     group = cmd.add_argument_group("output")
+    group.add_argument(
+        "--psnr-reference",
+        choices=["baseline", "cpu-fp32"],
+        default="baseline",
+        help="compare each first image with the baseline's (default) or with diffusers fp32 on the CPU "
+        "(one extra run)",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the contenders and workload, print what would run, run nothing (no model needed)",
+    )
     group.add_argument("--out", type=Path, metavar="DIR", help="write NAME.json, .csv, .md (and .png) here")
     group.add_argument("--name", help="file name stem (default: MACHINE-MODEL-SIZE-DATE)")
     group.add_argument(
@@ -116,6 +145,9 @@ def _bench(args: argparse.Namespace) -> int:
     from engine.bench.report import render_terminal
 
     check_output_options(args)
+    if args.dry_run:
+        print(dry_run(args), flush=True)
+        return 0
     before = read_report(args.compare) if args.compare else None
     if args.report:
         reports = [read_report(path) for path in args.report]
@@ -156,14 +188,37 @@ def check_output_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--summary folder does not exist: {args.summary.parent}")
 
 
+def dry_run(args: argparse.Namespace) -> str:
+    """What a run would do: each contender and its backend options, or why it would be skipped.
+
+    Checks the contenders, workload and devices' rules, but not whether a GPU is present.
+    """
+    from engine.bench.config import Device, parse_contenders, parse_size, unavailable
+    from engine.bench.contenders import backend_options
+
+    contenders = parse_contenders(args.contenders)
+    width, height = parse_size(args.size)
+    check_numbers(args)
+    device = Device(args.device)
+    lines = [f"dry run: {width}x{height}, {args.steps} steps, {args.runs} timed runs, device {device.value}"]
+    for number, contender in enumerate(contenders, start=1):
+        contender.check_device(device)
+        reason = unavailable(contender, device, args.engine)
+        options = backend_options(contender, device) if contender.is_engine else {}
+        fused = "" if contender.fused_cfg is None else f" fused_cfg={contender.fused_cfg}"
+        state = f"would skip: {reason}" if reason else f"options {options}{fused}"
+        lines.append(f"  [{number}] {contender.name} ({contender.label}): {state}")
+    return "\n".join(lines)
+
+
 def build_config(args: argparse.Namespace) -> Any:
     """Validate everything cheap first, then build the model / engine folders if needed."""
     from engine.bench.config import (
         BenchConfig,
         Device,
         Workload,
+        check_available,
         check_device,
-        check_installed,
         check_sampler,
         parse_contenders,
         parse_size,
@@ -175,8 +230,9 @@ def build_config(args: argparse.Namespace) -> Any:
     width, height = parse_size(args.size)
     check_numbers(args)
     check_sampler(args.sampler, contenders)
-    check_installed(contenders)
-    check_device(contenders, Device(args.device))
+    device = Device(args.device)
+    check_device(contenders, device)
+    contenders, skipped = check_available(contenders, device, args.engine, args.skip_unavailable)
     prompts = load_prompts(args.prompts)
     choice = ModelChoice(args.model, args.preset, args.engine)
     check_choice(choice, contenders)
@@ -201,9 +257,11 @@ def build_config(args: argparse.Namespace) -> Any:
         workload=workload,
         runs=args.runs,
         warmup=args.warmup,
-        device=Device(args.device),
+        device=device,
         prompt_source=str(args.prompts) if args.prompts else "built-in",
         prewarm_files=not args.no_prewarm,
+        psnr_reference=args.psnr_reference,
+        skipped=skipped,
     )
 
 
@@ -263,7 +321,7 @@ def check_failures(reports: list[dict[str, Any]]) -> None:
         f"{name}: {entry.get('error', 'failed')}"
         for report in reports
         for name, entry in report["contenders"].items()
-        if entry["status"] != "ok"
+        if entry["status"] not in ("ok", "skipped")
     ]
     if failed:
         raise EngineError("contender failed: " + "; ".join(failed))

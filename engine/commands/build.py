@@ -11,18 +11,19 @@ from typing import Any
 
 from engine.commands.common import parse_size
 from engine.errors import BuildError, EngineError
-from engine.specs import (
-    Network,
-)
+from engine.specs import Network, Precision
 from engine.tensorrt.builder import (
     DEFAULT_OPT_LEVEL,
     DEFAULT_WORKSPACE_GIB,
     GIB,
     BuildSettings,
-    VaePrecision,
+    Rebuild,
     build_engine,
 )
 from engine.tensorrt.profiles import ProfileKind, make_profiles
+
+# --vae choices: fp16 means an fp16 plan guarded by an fp32 one; fp16-guarded is its older spelling.
+VAE_CHOICES = {"fp32": Precision.FP32, "fp16": Precision.FP16, "fp16-guarded": Precision.FP16}
 
 
 def settings_from_args(args: argparse.Namespace) -> BuildSettings:
@@ -35,13 +36,12 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     return BuildSettings(
         profiles=profiles,
         networks=tuple(Network(n) for n in args.networks) if args.networks else None,
-        vae_precision=VaePrecision(args.vae),
+        vae_precision=VAE_CHOICES[args.vae],
         refit=args.refit,
         workspace_bytes=int(args.workspace * GIB),
         optimization_level=args.opt_level,
         timing_cache=args.timing_cache,
-        force=args.force,
-        no_rebuild=args.no_rebuild,
+        rebuild=Rebuild.ALWAYS if args.force else Rebuild.NEVER if args.no_rebuild else Rebuild.AUTO,
     )
 
 
@@ -74,9 +74,9 @@ def add_command(subparsers: Any) -> None:
     cmd.add_argument("--networks", nargs="+", choices=[n.value for n in Network], help="default: all")
     cmd.add_argument(
         "--vae",
-        choices=[v.value for v in VaePrecision],
+        choices=list(VAE_CHOICES),
         default="fp32",
-        help="fp32 (default) or fp16 with an fp32 fallback on overflow",
+        help="fp32 (default) or fp16 with an fp32 fallback on overflow (fp16-guarded: the same)",
     )
     cmd.add_argument("--refit", action="store_true", help="refittable plans (for LoRA weights later)")
     cmd.add_argument("--timing-cache", type=Path, metavar="PATH", help="persistent timing cache file")
@@ -95,8 +95,9 @@ def add_command(subparsers: Any) -> None:
         help="TensorRT builder optimization level 0-5 (default 3)",
     )
     cmd.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
-    cmd.add_argument("--force", action="store_true", help="rebuild even when the cached plan matches")
-    cmd.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a stale plan")
+    rebuild = cmd.add_mutually_exclusive_group()
+    rebuild.add_argument("--force", action="store_true", help="rebuild even when the cached plan matches")
+    rebuild.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a stale plan")
     cmd.set_defaults(run=cmd_build)
 
 

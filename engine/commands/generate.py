@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -12,9 +11,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from PIL import Image
-from engine.commands.common import SWITCH, parse_size, say
+
+    from engine.pipeline.request import GenerationRequest
+from engine.commands.common import parse_size, say
 from engine.errors import EngineError
 from engine.logs import quiet_libraries
+from engine.runtime import BackendName, Switch, backend_names
 
 DEFAULT_SIZE = (512, 512)
 
@@ -22,16 +24,13 @@ DEFAULT_SIZE = (512, 512)
 DEFAULT_ENGINE_SIZE = (64, 64)  # the built-in tiny engine: small images, fast
 
 
-BACKENDS = ("onnxruntime", "torch", "torch-cuda", "tensorrt", "openvino")
+BACKENDS = tuple(backend_names())  # declared once, in engine.runtime
 
 
-CPU_BACKENDS = ("torch", "openvino")
+CPU_BACKENDS = tuple(name.value for name in BackendName if not name.runs_on_cuda)
 
 
 BAR_WIDTH = 30
-
-
-RANDOM_SEED_LIMIT = 2**31  # random seeds stay far from the 2**32 - 1 limit, whatever the batch
 
 
 log = logging.getLogger("sd-engine")
@@ -91,10 +90,10 @@ def check_output(output: Path) -> None:
         raise EngineError(f"output path is a folder: {output}")
 
 
-def resolve_engine(engine_dir: Path | None) -> tuple[Path, bool]:
-    """The engine folder to use and whether it is the built-in default (built on first use)."""
+def resolve_engine(engine_dir: Path | None) -> Path:
+    """The engine folder to use: the given one, else the built-in default (built on first use)."""
     if engine_dir is not None:
-        return engine_dir, False
+        return engine_dir
     from engine.commands.default_engine import (
         check_build_dependencies,
         default_engine_ready,
@@ -104,25 +103,29 @@ def resolve_engine(engine_dir: Path | None) -> tuple[Path, bool]:
     if not default_engine_ready():
         check_build_dependencies()
         quiet_libraries()
-    return ensure_default_engine(progress=say), True
+    return ensure_default_engine(progress=say)
 
 
-def generation_settings(args: argparse.Namespace, is_default: bool, image: Any) -> dict[str, Any]:
+def build_request(args: argparse.Namespace, is_default: bool) -> GenerationRequest:
+    """The request from the arguments, checked before any model loads (RequestError: one line)."""
+    from engine.pipeline.request import GenerationRequest
+
     width, height = args.size or (DEFAULT_ENGINE_SIZE if is_default else DEFAULT_SIZE)
-    seed = secrets.randbelow(RANDOM_SEED_LIMIT) if args.seed is None else args.seed
-    return {
-        "negative_prompt": args.negative,
-        "steps": args.steps,
-        "guidance_scale": args.cfg,
-        "width": width,
-        "height": height,
-        "sampler": args.sampler,
-        "seed": seed,
-        "batch_size": args.batch,
-        "image": image,
-        "strength": args.strength,
-        "clip_skip": args.clip_skip,
-    }
+    image = open_init_image(args.init_image) if args.init_image is not None else None
+    return GenerationRequest.create(
+        args.prompt,
+        args.negative,
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        width=width,
+        height=height,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch_size=args.batch,
+        image=image,
+        strength=args.strength,
+        clip_skip=args.clip_skip,
+    )
 
 
 def save_images(result: Any, output: Path) -> list[Path]:
@@ -143,18 +146,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.pipeline import Pipeline
 
     check_output(args.output)
-    image = open_init_image(args.init_image) if args.init_image is not None else None
-    engine_dir, is_default = resolve_engine(args.engine_dir)
+    request = build_request(args, is_default=args.engine_dir is None)
+    engine_dir = resolve_engine(args.engine_dir)
     start = time.perf_counter()
-    pipe = Pipeline.load(
-        engine_dir, backend=args.backend, fused_cfg=SWITCH[args.fused_cfg], **backend_options(args)
-    )
+    pipe = Pipeline.load(engine_dir, backend=args.backend, fused_cfg=args.fused_cfg, **backend_options(args))
     log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)
     bar = ProgressBar(sys.stderr)
     try:
-        result = pipe.generate(args.prompt, callback=bar, **generation_settings(args, is_default, image))
-    except ValueError as error:
-        raise EngineError(str(error)) from None
+        result = pipe.run(request, on_step=bar)
     finally:
         bar.close()
     log.info("timings (ms): %s", ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items()))
@@ -167,10 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """--cuda-graph for the backends that have CUDA graphs (auto: the backend's default)."""
-    wanted = SWITCH[args.cuda_graph]
-    if wanted is None:
+    wanted = Switch(args.cuda_graph)
+    if wanted is Switch.AUTO:
         return {}
-    if args.backend in CPU_BACKENDS:
+    if not BackendName(args.backend).has_cuda_graphs:
         raise EngineError(f"--cuda-graph: the {args.backend} backend runs on the CPU; use a GPU backend")
     return {"cuda_graph": wanted}
 
@@ -193,21 +192,25 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--size", type=parse_size, metavar="WxH", help="default 512x512; 64x64 for the built-in engine"
     )
     cmd.add_argument("--sampler", default="Euler a", help="see `sd-engine samplers` (default: Euler a)")
-    cmd.add_argument("--seed", type=int, help="image i gets seed + i (default: random, reported)")
+    cmd.add_argument(
+        "--seed", type=int, default=-1, help="image i gets seed + i (default -1: random, reported)"
+    )
     cmd.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     cmd.add_argument("--init-image", type=Path, metavar="IMG", help="img2img: start from this image")
     cmd.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength (default 0.8)")
     cmd.add_argument("--clip-skip", type=int, default=1, help="1 or 2 (default 1)")
-    cmd.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="(default onnxruntime)")
+    cmd.add_argument(
+        "--backend", choices=BACKENDS, default=BackendName.ONNXRUNTIME.value, help="(default onnxruntime)"
+    )
     cmd.add_argument(
         "--fused-cfg",
-        choices=list(SWITCH),
+        choices=[switch.value for switch in Switch],
         default="auto",
         help="guidance inside the unet_cfg graph (auto: when the engine folder has it)",
     )
     cmd.add_argument(
         "--cuda-graph",
-        choices=list(SWITCH),
+        choices=[switch.value for switch in Switch],
         default="auto",
         help="replay the UNet as a CUDA graph (auto: on for torch-cuda and tensorrt, off for onnxruntime)",
     )

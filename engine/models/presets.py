@@ -30,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from engine.fsutil import staged_folder
+from engine.fsutil import staged_folder, write_atomic
 from engine.text.tokenizer import bytes_to_unicode
 
 BOS_TOKEN = "<|startoftext|>"
@@ -302,7 +302,7 @@ def special_token_id(token: str, vocab_size: int) -> int:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_tokenizer(directory: Path, spec: TokenizerSpec) -> None:
@@ -311,7 +311,7 @@ def write_tokenizer(directory: Path, spec: TokenizerSpec) -> None:
     directory.mkdir(parents=True)
     _write_json(directory / "vocab.json", vocab)
     lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
     specials = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,

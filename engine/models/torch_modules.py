@@ -7,12 +7,14 @@ Export traces them to ONNX and the torch backend runs them, so both speak the in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.errors import ModelFolderError
-from engine.models.folder import ModelFolder, tensor_shapes
+from engine.errors import EngineFolderError, ModelFolderError
+from engine.manifest import Manifest
+from engine.models.folder import ModelFolder, inspect_model_folder, tensor_shapes
 from engine.specs import Network
 
 
@@ -204,3 +206,15 @@ def load_source_model(folder: ModelFolder) -> SourceModel:
         unet=load_component(folder, "unet"),
         vae=load_component(folder, "vae"),
     )
+
+
+def load_source_from_manifest(manifest: Manifest) -> SourceModel:
+    """The diffusers folder an engine was exported from (``manifest.source["model_dir"]``), loaded as
+    :func:`load_source_model` does; what the torch backends run. One-line EngineFolderError when the
+    manifest names no folder or the folder is gone, ModelFolderError when it no longer loads."""
+    model_dir = manifest.source.get("model_dir")
+    if not model_dir or not Path(model_dir).is_dir():
+        raise EngineFolderError(
+            f"the torch backends need the source model folder {model_dir!r} named in the manifest: not found"
+        )
+    return load_source_model(inspect_model_folder(model_dir))

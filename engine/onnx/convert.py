@@ -9,7 +9,6 @@ when every graph passed, so an interrupted export never leaves a folder that loo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import logging
 import secrets
@@ -24,6 +23,7 @@ import numpy as np
 
 from engine.errors import EngineError, ParityError
 from engine.fsutil import staged_folder
+from engine.hashing import graph_content_hash
 from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_manifest
 from engine.models.folder import ModelFolder, inspect_model_folder
 from engine.onnx.attention_fusion import write_fused
@@ -197,10 +197,9 @@ def with_fused_attention(
         return entry
     precision = settings.precision_of(entry.spec.network)
     parity = parity_gate(module, entry.spec, target, dims, vocab_size, settings.threshold(precision))
-    external = [out / entry.external_data] if entry.external_data else []
     variant = Variant(
         file=target.name,
-        sha256=hash_files([target, *external]),
+        sha256=graph_content_hash(target),
         rewrite=f"{count} attentions -> com.microsoft.MultiHeadAttention",
         parity=parity,
     )
@@ -240,7 +239,7 @@ def gated_entry(
     parity = parity_gate(module, spec, path, dims, vocab_size, settings.threshold(precision))
     return GraphEntry(
         file=path.name,
-        sha256=hash_files([path] + ([out / external] if external else [])),
+        sha256=graph_content_hash(path),
         spec=spec,
         precision=precision,
         external_data=external,
@@ -361,15 +360,6 @@ def run_torch(module: Any, spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> 
         out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
     outputs = out if isinstance(out, tuple) else (out,)
     return {name: o.float().numpy() for name, o in zip(spec.output_names, outputs, strict=True)}
-
-
-def hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

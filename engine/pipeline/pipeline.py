@@ -8,35 +8,27 @@ the same whatever runs the networks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine import schedulers
+from engine.backends.options import Switch
 from engine.errors import Cancelled, EngineError
 from engine.manifest import Manifest, read_manifest
 from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
 from engine.pipeline.images import image_to_array, to_pil
-from engine.pipeline.request import GenerationRequest, StepInfo, make_request, validate
+from engine.pipeline.request import GenerationRequest, StepCallback, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
-from engine.runtime import Graph
+from engine.runtime import BackendName, Graph, GraphLoader, bound, open_backend
 from engine.specs import Network
 from engine.text.conditioning import EmbeddingCache
 from engine.text.tokenizer import ClipTokenizer
 
 __all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
-
-
-class BackendName(str, Enum):
-    ONNXRUNTIME = "onnxruntime"
-    TORCH = "torch"  # the source model on the CPU: the reference path
-    TORCH_CUDA = "torch-cuda"  # fp16 on an NVIDIA GPU, UNet replayed as a CUDA graph
-    TENSORRT = "tensorrt"
-    OPENVINO = "openvino"  # the CPU in bf16 (AMX / AVX512-BF16): about 3x fp32 ONNX Runtime
 
 
 @dataclass(frozen=True)
@@ -48,42 +40,6 @@ class GenerationResult:
     latents: np.ndarray | None = field(default=None, repr=False)  # final latents, before the VAE
 
 
-def open_graphs(
-    engine_dir: Path, manifest: Manifest, backend: BackendName, options: Mapping[str, Any]
-) -> Callable[[Network], Graph]:
-    """A loader for one network's graph on the chosen backend."""
-    if backend is BackendName.ONNXRUNTIME:
-        from engine.backends.onnxruntime import OnnxRuntimeBackend, OrtOptions
-        from engine.backends.options import parse_backend_options
-
-        ort = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
-        cache_dir = engine_dir / ".cache" / "onnxruntime"
-
-        def load(network: Network) -> Graph:
-            entry = manifest.graphs[network]
-            chosen = entry.onnxruntime if entry.onnxruntime and ort.options.fused_attention else entry
-            return ort.load(
-                engine_dir / chosen.file, entry.spec, cache_dir=cache_dir, content_hash=chosen.sha256
-            )
-
-        return load
-    if backend is BackendName.TORCH:
-        from engine.backends.torch_cpu import TorchBackend
-
-        return TorchBackend.from_manifest(manifest, **options).load
-    if backend is BackendName.TORCH_CUDA:
-        from engine.backends.torch_cuda import open_torch_cuda
-
-        return open_torch_cuda(manifest, **options)
-    if backend is BackendName.OPENVINO:
-        from engine.backends.openvino import open_openvino
-
-        return open_openvino(engine_dir, manifest, **options)
-    from engine.backends.tensorrt import open_tensorrt
-
-    return open_tensorrt(engine_dir, manifest, **options)
-
-
 class Pipeline:
     """Generate images from an engine folder on one backend."""
 
@@ -91,13 +47,13 @@ class Pipeline:
         self,
         engine_dir: Path,
         manifest: Manifest,
-        load_graph: Callable[[Network], Graph],
-        fused_cfg: bool | None = None,
+        load_graph: GraphLoader,
+        fused_cfg: Switch | str | bool | None = None,
     ) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.tokenizer = ClipTokenizer.from_folder(engine_dir / manifest.tokenizer_dir)
-        self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, fused_cfg)
+        self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, Switch.of(fused_cfg).as_optional())
         self._load_graph = load_graph
         self._graphs: dict[Network, Graph] = {}
         self.embeddings = EmbeddingCache()
@@ -109,24 +65,20 @@ class Pipeline:
     def load(
         cls,
         engine_dir: str | Path,
-        backend: str = "onnxruntime",
-        fused_cfg: bool | None = None,
+        backend: BackendName | str = BackendName.ONNXRUNTIME,
+        fused_cfg: Switch | str | bool | None = None,
         **options: Any,
     ) -> Pipeline:
-        """Open an engine folder on a backend (options go to the backend).
+        """Open an engine folder on a backend (see :mod:`engine.runtime` for the names; options go to
+        the backend: device, cuda_graph, precision and its own, see :mod:`engine.backends.options`).
 
         fused_cfg: run classifier-free guidance inside the ``unet_cfg`` graph (B latents in, B guided
-        noises out) instead of combining 2B predictions on the host. None: whenever the engine folder
-        has that graph. Requests with guidance off or guidance_rescale > 0 use the plain UNet.
+        noises out) instead of combining 2B predictions on the host. None / auto: whenever the engine
+        folder has that graph. Requests with guidance off or guidance_rescale > 0 use the plain UNet.
         """
         root = Path(engine_dir)
         manifest = read_manifest(root)
-        try:
-            name = BackendName(backend)
-        except ValueError:
-            valid = ", ".join(b.value for b in BackendName)
-            raise EngineError(f"unknown backend {backend!r}; valid backends: {valid}") from None
-        return cls(root, manifest, open_graphs(root, manifest, name, options), fused_cfg)
+        return cls(root, manifest, open_backend(backend, root, manifest, options), fused_cfg)
 
     def graph(self, network: Network) -> Graph:
         """A network's graph, loaded on first use (the VAE encoder only for img2img)."""
@@ -142,33 +94,38 @@ class Pipeline:
         return self.manifest.graphs[Network.UNET].sha256[:10]
 
     def generate(
-        self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = "", **settings: Any
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = "",
+        *,
+        on_step: StepCallback | None = None,
+        **settings: Any,
     ) -> GenerationResult:
-        """Make images; see :class:`engine.pipeline.request.GenerationRequest` for the settings."""
-        dims = self.manifest.dims
-        request = make_request(
-            prompt,
-            negative_prompt,
-            vae_scale_factor=dims.vae_scale_factor,
-            latent_channels=dims.latent_channels,
-            **settings,
-        )
-        return self.run(request)
+        """Make images: ``GenerationRequest.create(prompt, negative_prompt, **settings)``, then :meth:`run`.
 
-    def run(self, request: GenerationRequest) -> GenerationResult:
-        validate(request, self.manifest.dims.vae_scale_factor, self.manifest.dims.latent_channels)
+        An unknown setting raises a one-line RequestError (a ValueError) listing the valid ones.
+        """
+        return self.run(GenerationRequest.create(prompt, negative_prompt, **settings), on_step)
+
+    def run(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Make the request's images; ``on_step`` sees every UNet evaluation and cancels by returning False.
+
+        Only the checks that depend on the model happen here (RequestError); the request checked the rest.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
         sched = schedulers.create(request.sampler, self.manifest.scheduler_config)
+        dims = self.manifest.dims
+        request.check_model(dims.vae_scale_factor, dims.latent_channels, sched.config.num_train_timesteps)
         sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
         generators = seeded_generators(request.seed, request.num_images)
         context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
         latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
-        latents = self.denoise(request, sched, latents, context, generators, timings)
+        latents = self.denoise(request, sched, latents, context, generators, timings, on_step)
         pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
         images = to_pil(pixels)
         timings["total"] = (time.perf_counter() - start) * 1000
-        return GenerationResult(images, request.seeds, self.parameters(request, sched.name), timings, latents)
+        return GenerationResult(images, request.seeds, self.parameters(request), timings, latents)
 
     @staticmethod
     def timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
@@ -180,25 +137,18 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------
 
     def encode_text(self, texts: Sequence[str], clip_skip: int) -> np.ndarray:
-        """Embeddings (N, 77, D) for texts, from the LRU where possible."""
-        missing = list(dict.fromkeys(t for t in texts if self.embeddings.get((t, clip_skip)) is None))
-        if missing:
-            ids = self.tokenizer.encode(missing)
-            out = self.graph(Network.TEXT_ENCODER).run({"input_ids": ids})
-            hidden = out["penultimate_hidden_state" if clip_skip == 2 else "last_hidden_state"]
-            for text, embedding in zip(missing, hidden, strict=True):
-                self.embeddings.put((text, clip_skip), embedding)
-        return np.stack([self.embeddings.get((t, clip_skip)) for t in texts])
+        """Embeddings (N, 77, D) for texts: each distinct text encoded once, the LRU used across requests."""
+
+        def encode(missing: list[str]) -> np.ndarray:
+            out = self.graph(Network.TEXT_ENCODER).run({"input_ids": self.tokenizer.encode(missing)})
+            return out["penultimate_hidden_state" if clip_skip == 2 else "last_hidden_state"]
+
+        return self.embeddings.embed(texts, clip_skip, encode)
 
     def encode_prompts(self, request: GenerationRequest) -> np.ndarray:
         """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
-        positives = self.encode_text(request.prompts, request.clip_skip).repeat(request.batch_size, axis=0)
-        if not request.do_cfg:
-            return positives
-        negatives = self.encode_text(request.negative_prompts, request.clip_skip).repeat(
-            request.batch_size, axis=0
-        )
-        return np.concatenate([negatives, positives])
+        texts = [*request.negative_prompts, *request.prompts] if request.do_cfg else list(request.prompts)
+        return self.encode_text(texts, request.clip_skip).repeat(request.batch_size, axis=0)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         dims = self.manifest.dims
@@ -213,10 +163,8 @@ class Pipeline:
         if request.is_img2img:
             clean = self.encode_image(request, generators)
             noise = randn_batch(generators, shape) if request.latents is None else request.latents
-            return sched.add_noise(clean, noise.astype(np.float32), 0).astype(np.float32)
-        noise = (
-            randn_batch(generators, shape) if request.latents is None else request.latents.astype(np.float32)
-        )
+            return sched.add_noise(clean, noise, 0).astype(np.float32)
+        noise = randn_batch(generators, shape) if request.latents is None else request.latents
         return (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
 
     def encode_image(self, request: GenerationRequest, generators: list[TorchGenerator]) -> np.ndarray:
@@ -237,6 +185,7 @@ class Pipeline:
         context: np.ndarray,
         generators: list[TorchGenerator],
         timings: dict[str, float],
+        on_step: StepCallback | None = None,
     ) -> np.ndarray:
         """The sampling loop: scale, UNet (both CFG halves in one call) and guidance, step."""
         fused = self.uses_fused_cfg(request)
@@ -244,24 +193,28 @@ class Pipeline:
         unet_ms: list[float] = []
         host_ms: list[float] = []
         total = len(sched.timesteps)
-        for i, t in enumerate(sched.timesteps):
-            begin = time.perf_counter()
-            model_in = sched.scale_model_input(latents, i).astype(np.float32)
-            feeds = (
-                fused_feeds(model_in, t, context, request)
-                if fused
-                else unet_feeds(model_in, t, context, request)
-            )
-            middle = time.perf_counter()
-            outputs = unet.run(feeds)
-            after = time.perf_counter()
-            guided = outputs["guided_noise"] if fused else guide(outputs["noise_pred"], request)
-            noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
-            latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
-            end = time.perf_counter()
-            unet_ms.append((after - middle) * 1000)
-            host_ms.append((middle - begin + end - after) * 1000)
-            notify(request, StepInfo(i + 1, total, float(t)))
+        make_feeds = fused_feeds if fused else unet_feeds
+        # The embeddings (and the guidance scale) stay the same all generation: bound once, so a backend
+        # with device buffers copies them once, not at every step.
+        first = make_feeds(latents, 0.0, context, request)
+        names = ("encoder_hidden_states", "guidance_scale")
+        constants = {name: first[name] for name in names if name in first}
+        with bound(unet, constants) as run_unet:
+            for i, t in enumerate(sched.timesteps):
+                begin = time.perf_counter()
+                model_in = sched.scale_model_input(latents, i).astype(np.float32)
+                feeds = make_feeds(model_in, t, context, request)
+                varying = {name: value for name, value in feeds.items() if name not in constants}
+                middle = time.perf_counter()
+                outputs = run_unet(varying)
+                after = time.perf_counter()
+                guided = outputs["guided_noise"] if fused else guide(outputs["noise_pred"], request)
+                noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
+                latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
+                end = time.perf_counter()
+                unet_ms.append((after - middle) * 1000)
+                host_ms.append((middle - begin + end - after) * 1000)
+                notify(on_step, StepInfo(i + 1, total, float(t)))
         timings["unet_total"] = sum(unet_ms)
         timings["unet_per_step"] = float(np.mean(unet_ms)) if unet_ms else 0.0
         timings["scheduler_per_step"] = float(np.mean(host_ms)) if host_ms else 0.0
@@ -281,14 +234,15 @@ class Pipeline:
         source = self.manifest.source.get("model_dir")
         return Path(source).name if source else self.engine_dir.resolve().name
 
-    def parameters(self, request: GenerationRequest, sampler: str) -> dict[str, Any]:
+    def parameters(self, request: GenerationRequest) -> dict[str, Any]:
+        """What made the images (the seed as recorded, the sampler's canonical name), for the infotext."""
         return {
             "prompt": request.prompts[0] if len(request.prompts) == 1 else list(request.prompts),
             "negative_prompt": request.negative_prompts[0]
             if len(request.negative_prompts) == 1
             else list(request.negative_prompts),
             "steps": request.steps,
-            "sampler": sampler,
+            "sampler": request.sampler,
             "guidance_scale": request.guidance_scale,
             "guidance_rescale": request.guidance_rescale,
             "seed": request.seed,
@@ -313,6 +267,6 @@ def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None)
     return present if wanted is None else wanted
 
 
-def notify(request: GenerationRequest, info: StepInfo) -> None:
-    if request.callback is not None and request.callback(info) is False:
+def notify(on_step: StepCallback | None, info: StepInfo) -> None:
+    if on_step is not None and on_step(info) is False:
         raise Cancelled(f"generation cancelled at step {info.step}/{info.total}")

@@ -1,16 +1,36 @@
-"""A generation request: every setting of one `generate` call, validated before any work starts."""
+"""A generation request: every setting of one generation, as a frozen value that round-trips through JSON.
+
+The request checks everything that does not depend on the model once, when it is built (the CLI, the
+bench and ``Pipeline.generate`` all build it with :meth:`GenerationRequest.create`); ``Pipeline.run``
+then checks only what the model decides (:meth:`GenerationRequest.check_model`). Every failed check
+raises :class:`engine.errors.RequestError`, one line naming the setting.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from engine.errors import RequestError
+from engine.sampling.registry import resolve
+
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
+RANDOM_SEED = -1  # A1111: -1 (or None) asks for a random seed, chosen and recorded when the request is built
+
+# Integer settings and their inclusive ranges; numbers as (low, high, low_inclusive).
+_INTEGERS = {"steps": (1, 1000), "width": (1, MAX_SIDE), "height": (1, MAX_SIDE), "batch_size": (1, 64)}
+_NUMBERS = {
+    "guidance_scale": (0.0, 100.0, True),
+    "guidance_rescale": (0.0, 1.0, True),
+    "strength": (0.0, 1.0, False),
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +48,14 @@ StepCallback = Callable[[StepInfo], "bool | None"]
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate. ``prompts`` holds one entry per prompt; each makes ``batch_size`` images."""
+    """What to generate. ``prompts`` holds one entry per prompt; each makes ``batch_size`` images.
+
+    ``seed`` None or -1: a random seed in 0..2**32-1, chosen here and recorded; image i gets seed + i.
+    ``sampler`` is stored under its canonical name (``"euler  A"`` -> ``"Euler a"``).
+    ``latents``: (images, channels, H/8, W/8) standard-normal noise, kept as a read-only float32 copy.
+    ``image``: img2img's start, a PIL image or HxWx3 uint8 array, kept as a read-only RGB uint8 copy.
+    Equality compares the arrays by content.
+    """
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
@@ -39,12 +66,86 @@ class GenerationRequest:
     width: int = 512
     height: int = 512
     sampler: str = "Euler a"
-    seed: int = 0
+    seed: int = RANDOM_SEED
     batch_size: int = 1
-    latents: np.ndarray | None = field(default=None, compare=False)
-    image: Any = field(default=None, compare=False)  # PIL.Image.Image or HxWx3 uint8 array: img2img
+    latents: np.ndarray | None = field(default=None, compare=False, repr=False)
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 0.8
-    callback: StepCallback | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_prompts(self.prompts, self.negative_prompts)
+        for name, (low, high) in _INTEGERS.items():
+            _check_integer(name, getattr(self, name), low, high)
+        for name, (low, high, closed) in _NUMBERS.items():
+            _check_number(name, getattr(self, name), low, high, closed)
+        _require(self.clip_skip in (1, 2) and _is_int(self.clip_skip), "clip_skip", "1 or 2", self.clip_skip)
+        set_field = object.__setattr__
+        set_field(self, "sampler", _sampler(self.sampler))
+        set_field(self, "seed", _seed(self.seed))
+        set_field(self, "prompts", tuple(self.prompts))
+        set_field(self, "negative_prompts", tuple(self.negative_prompts))
+        for name in (*_INTEGERS, "clip_skip"):
+            set_field(self, name, int(getattr(self, name)))
+        if self.latents is not None:
+            set_field(self, "latents", _latents_array(self.latents))
+        if self.image is not None:
+            set_field(self, "image", _image_array(self.image))
+            kept = int(self.steps * self.strength)  # img2img runs the last int(steps * strength) steps
+            _require(kept >= 1, "strength", f"at least 1/{self.steps} to keep a step", self.strength)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GenerationRequest):
+            return NotImplemented
+        return (
+            self._scalars() == other._scalars()
+            and _same_array(self.latents, other.latents)
+            and _same_array(self.image, other.image)
+        )
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = "", **settings: Any
+    ) -> GenerationRequest:
+        """The one builder: ``prompt`` and ``negative_prompt`` are a string or a list (one negative is
+        used for every prompt); ``settings`` are the other fields. Raises RequestError."""
+        unknown = [name for name in settings if name not in SETTINGS]
+        if unknown:
+            raise RequestError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(SETTINGS)}")
+        prompts = _prompt_tuple(prompt, "prompt")
+        negatives = _prompt_tuple("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        return cls(prompts, negatives, **settings)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GenerationRequest:
+        """A request from :meth:`to_json`'s dict (or one written by hand: only ``prompt`` is required)."""
+        if not isinstance(data, Mapping) or "prompt" not in data:
+            raise RequestError("a JSON request must be an object with a 'prompt'")
+        settings = {k: v for k, v in data.items() if k not in ("prompt", "negative_prompt")}
+        if settings.get("image") is not None:
+            settings["image"] = _decode_png(settings["image"])
+        if settings.get("latents") is not None:
+            settings["latents"] = _decode_array(settings["latents"])
+        return cls.create(data["prompt"], data.get("negative_prompt", ""), **settings)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON types only: prompts as lists, the image as base64 PNG, latents as shape + base64 float32."""
+        return {
+            "prompt": list(self.prompts),
+            "negative_prompt": list(self.negative_prompts),
+            **{name: value for name, value in zip(SCALAR_SETTINGS, self._scalars(), strict=True)},
+            "latents": None if self.latents is None else _encode_array(self.latents),
+            "image": None if self.image is None else _encode_png(self.image),
+        }
+
+    def _scalars(self) -> tuple[Any, ...]:
+        """The scalar settings (everything but prompts and arrays), in SCALAR_SETTINGS order."""
+        return tuple(getattr(self, name) for name in SCALAR_SETTINGS)
+
+    # -- derived --------------------------------------------------------------------------------
 
     @property
     def num_images(self) -> int:
@@ -63,104 +164,145 @@ class GenerationRequest:
     def is_img2img(self) -> bool:
         return self.image is not None
 
-
-def make_request(
-    prompt: str | Sequence[str],
-    negative_prompt: str | Sequence[str] | None = "",
-    *,
-    seed: int | None = None,
-    vae_scale_factor: int = 8,
-    latent_channels: int = 4,
-    **settings: Any,
-) -> GenerationRequest:
-    """Normalize prompts and the seed, then validate; raises ValueError naming the bad value."""
-    prompts = _prompt_tuple(prompt, "prompt")
-    negatives = _prompt_tuple("" if negative_prompt is None else negative_prompt, "negative_prompt")
-    if len(negatives) == 1 and len(prompts) > 1:
-        negatives = negatives * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
-    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-    request = GenerationRequest(prompts, negatives, seed=seed, **settings)
-    validate(request, vae_scale_factor, latent_channels)
-    return request
+    def check_model(self, vae_scale_factor: int, latent_channels: int, train_timesteps: int) -> None:
+        """The checks that depend on the model: sizes, the latents' shape, steps. Raises RequestError."""
+        for name in ("width", "height"):
+            side = getattr(self, name)
+            _require(side % vae_scale_factor == 0, name, f"a multiple of {vae_scale_factor}", side)
+        _require(self.steps <= train_timesteps, "steps", f"at most the model's {train_timesteps}", self.steps)
+        if self.latents is not None:
+            expected = [self.num_images, latent_channels]
+            expected += [self.height // vae_scale_factor, self.width // vae_scale_factor]
+            shape = list(self.latents.shape)
+            _require(shape == expected, "latents", f"of shape {expected}", f"shape {shape}", show=str)
 
 
-def _prompt_tuple(value: str | Sequence[str], name: str) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else tuple(value)
-    if not items or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-    return items
+_FIELDS = [f.name for f in fields(GenerationRequest)]
+SETTINGS = tuple(name for name in _FIELDS if name not in ("prompts", "negative_prompts"))
+SCALAR_SETTINGS = tuple(name for name in SETTINGS if name not in ("latents", "image"))
 
 
-def _require(ok: bool, message: str) -> None:
+# -- checks -------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, name: str, wanted: str, got: Any, show: Callable[[Any], str] = repr) -> None:
     if not ok:
-        raise ValueError(message)
+        raise RequestError(f"{name} must be {wanted}, got {show(got)}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def validate(request: GenerationRequest, vae_scale_factor: int = 8, latent_channels: int = 4) -> None:
-    """Check every setting; the first bad one raises ValueError with a one-line message."""
-    r = request
-    _require(
-        _is_int(r.steps) and 1 <= r.steps <= 1000, f"steps must be an integer in 1..1000, got {r.steps!r}"
-    )
-    for name, side in (("width", r.width), ("height", r.height)):
-        _require(
-            _is_int(side) and vae_scale_factor <= side <= MAX_SIDE and side % vae_scale_factor == 0,
-            f"{name} must be a multiple of {vae_scale_factor} up to {MAX_SIDE}, got {side!r}",
-        )
-    _require(
-        isinstance(r.guidance_scale, int | float) and 0 <= r.guidance_scale <= 100,
-        f"guidance_scale must be a number in [0, 100], got {r.guidance_scale!r}",
-    )
-    _require(
-        isinstance(r.guidance_rescale, int | float) and 0 <= r.guidance_rescale <= 1,
-        f"guidance_rescale must be in [0, 1], got {r.guidance_rescale!r}",
-    )
-    _require(r.clip_skip in (1, 2), f"clip_skip must be 1 or 2, got {r.clip_skip!r}")
-    _require(
-        _is_int(r.batch_size) and 1 <= r.batch_size <= 64,
-        f"batch_size must be in 1..64, got {r.batch_size!r}",
-    )
-    _require(
-        _is_int(r.seed) and 0 <= r.seed <= MAX_SEED,
-        f"seed must be an integer in 0..{MAX_SEED}, got {r.seed!r}",
-    )
-    _require(
-        r.seed + r.num_images - 1 <= MAX_SEED,
-        f"seed {r.seed} + {r.num_images} images runs past the largest seed {MAX_SEED}",
-    )
-    _require(
-        isinstance(r.strength, int | float) and 0 < r.strength <= 1,
-        f"strength must be in (0, 1], got {r.strength!r}",
-    )
-    _validate_sampler(r.sampler)
-    _validate_latents(r, vae_scale_factor, latent_channels)
+def _check_integer(name: str, value: Any, low: int, high: int) -> None:
+    _require(_is_int(value) and low <= value <= high, name, f"an integer in {low}..{high}", value)
 
 
-def _validate_sampler(sampler: str) -> None:
-    from engine.schedulers import names
+def _check_number(name: str, value: Any, low: float, high: float, closed: bool) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = number and (low <= value if closed else low < value) and value <= high
+    _require(ok, name, f"a number in {'[' if closed else '('}{low:g}, {high:g}]", value)
 
-    valid = names()
-    lowered = {n.lower() for n in valid}
+
+def _prompt_tuple(value: str | Sequence[str], name: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, Sequence) else ()
     _require(
-        isinstance(sampler, str) and sampler.lower() in lowered,
-        f"unknown sampler {sampler!r}; valid samplers: {', '.join(valid)}",
+        bool(items) and all(isinstance(p, str) for p in items), name, "a string or a list of strings", value
     )
+    return items
 
 
-def _validate_latents(request: GenerationRequest, vae_scale_factor: int, channels: int) -> None:
-    if request.latents is None:
-        return
-    expected = (
-        request.num_images,
-        channels,
-        request.height // vae_scale_factor,
-        request.width // vae_scale_factor,
+def _check_prompts(prompts: Sequence[str], negatives: Sequence[str]) -> None:
+    for name, items in (("prompts", prompts), ("negative_prompts", negatives)):
+        ok = isinstance(items, tuple | list) and bool(items) and all(isinstance(p, str) for p in items)
+        _require(ok, name, "a non-empty list of strings", items)
+    if len(negatives) != len(prompts):
+        raise RequestError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+
+
+def _sampler(name: Any) -> str:
+    try:
+        return resolve(name)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+
+
+def _seed(seed: Any) -> int:
+    if seed is None or (_is_int(seed) and seed == RANDOM_SEED):
+        return secrets.randbelow(MAX_SEED + 1)
+    _require(
+        _is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"-1 (random) or an integer in 0..{MAX_SEED}", seed
     )
-    shape = tuple(getattr(request.latents, "shape", ()))
-    _require(shape == expected, f"latents must have shape {list(expected)}, got {list(shape)}")
+    return int(seed)
+
+
+def _latents_array(latents: Any) -> np.ndarray:
+    ok = isinstance(latents, np.ndarray) and latents.ndim == 4 and np.issubdtype(latents.dtype, np.floating)
+    _require(ok, "latents", "a 4-D float array", latents, show=_describe)
+    return _read_only(latents.astype(np.float32))
+
+
+def _image_array(image: Any) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return _read_only(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    ok = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    _require(ok, "image", "a PIL image or an HxWx3 uint8 array", image, show=_describe)
+    return _read_only(image)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A private copy the caller cannot change behind the request's back."""
+    copy = np.array(array, copy=True)
+    copy.flags.writeable = False
+    return copy
+
+
+def _same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+# -- JSON encodings -----------------------------------------------------------------------------
+
+
+def _encode_png(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_png(text: Any) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as image:
+            return image.convert("RGB")
+    except (TypeError, ValueError, OSError, UnidentifiedImageError):
+        raise RequestError("image must be a base64-encoded PNG") from None
+
+
+def _encode_array(array: np.ndarray) -> dict[str, Any]:
+    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return {"shape": list(array.shape), "dtype": "float32", "data": base64.b64encode(data).decode("ascii")}
+
+
+def _decode_array(value: Any) -> np.ndarray:
+    try:
+        shape = [int(n) for n in value["shape"]]
+        if value.get("dtype", "float32") != "float32":
+            raise ValueError(value["dtype"])
+        flat = np.frombuffer(base64.b64decode(value["data"], validate=True), dtype="<f4")
+        return flat.reshape(shape).astype(np.float32)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise RequestError("latents must be {'shape': [...], 'dtype': 'float32', 'data': base64}") from None

@@ -248,12 +248,24 @@ def _catalogue() -> dict[str, Sampler]:
 
 
 SAMPLERS: dict[str, Sampler] = _catalogue()
-_BY_KEY = {" ".join(n.lower().split()): s for n, s in SAMPLERS.items()}
+
+
+def _key(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+_BY_KEY = {_key(n): s for n, s in SAMPLERS.items()}
+
+
+def resolve(name: str) -> str:
+    """The canonical name of a sampler: case and runs of whitespace are ignored
+    (" euler  A " -> "Euler a"); an unknown name raises a one-line ValueError listing the valid ones."""
+    sampler = _BY_KEY.get(_key(name)) if isinstance(name, str) else None
+    if sampler is None:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    return sampler.name
 
 
 def lookup(name: str) -> Sampler:
-    """The sampler called ``name`` (case and repeated spaces ignored)."""
-    key = " ".join(str(name).lower().split())
-    if key not in _BY_KEY:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    return _BY_KEY[key]
+    """The sampler called ``name``, resolved by :func:`resolve`."""
+    return SAMPLERS[resolve(name)]

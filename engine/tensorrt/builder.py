@@ -2,8 +2,8 @@
 
 ``sd-engine build ENGINE_DIR`` turns every ONNX graph of an engine folder into a serialized TensorRT
 plan in ``ENGINE_DIR/tensorrt/``. The text encoder and UNet build in fp16; the VAE stays fp32 (the SD
-VAE overflows in fp16) unless ``--vae fp16-guarded`` also builds an fp16 plan that the runtime falls
-back from when its output is not finite. Optimization profiles are computed from the same
+VAE overflows in fp16) unless ``--vae fp16`` (alias ``fp16-guarded``) also builds an fp16 plan that the
+runtime falls back from when its output is not finite. Optimization profiles are computed from the same
 :mod:`engine.specs` tables as the export, so a profile cannot name an input the graph lacks.
 
 Each plan has a sidecar JSON with its :class:`PlanKey`: the ONNX content hash, precision, profile
@@ -26,7 +26,6 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from engine.tensorrt.plans import (
     PLAN_DIR,
     GpuInfo,
     PlanTarget,
+    Rebuild,
     default_timing_cache,
     merge_index,
     needs_build,
@@ -83,9 +83,8 @@ OOM_PATTERNS = re.compile(
 )
 
 
-class VaePrecision(str, Enum):
-    FP32 = "fp32"
-    FP16_GUARDED = "fp16-guarded"  # fp16 plan plus an fp32 plan to rerun on overflow
+# The VAE precisions a build takes: fp32, or fp16 guarded by an fp32 plan to rerun on overflow.
+VAE_PRECISIONS = (Precision.FP32, Precision.FP16)
 
 
 @dataclass(frozen=True)
@@ -99,18 +98,22 @@ class BuildSettings:
 
     profiles: tuple[ShapeProfile, ...] = (ShapeProfile.static(1, 512, 512),)
     networks: tuple[Network, ...] | None = None
-    vae_precision: VaePrecision = VaePrecision.FP32
+    vae_precision: Precision = Precision.FP32  # FP16: an fp16 plan guarded by an fp32 one
     refit: bool = False
     workspace_bytes: int = int(DEFAULT_WORKSPACE_GIB * GIB)
     optimization_level: int = DEFAULT_OPT_LEVEL
     timing_cache: Path | None = None  # None: ENGINE_DIR/tensorrt/timing-<trt>-<gpu>.cache
-    force: bool = False
-    no_rebuild: bool = False
+    rebuild: Rebuild = Rebuild.AUTO
     parity_seed: int | None = None
 
 
 def plan_targets(manifest: Manifest, settings: BuildSettings) -> list[PlanTarget]:
     """The plans to build: fp16 text encoder and UNet; fp32 VAE, plus fp16 when guarded."""
+    if settings.vae_precision not in VAE_PRECISIONS:
+        valid = ", ".join(p.value for p in VAE_PRECISIONS)
+        raise BuildError(
+            f"the VAE builds in {valid} (fp16 guarded by fp32), not {settings.vae_precision.value}"
+        )
     networks = settings.networks if settings.networks is not None else default_networks(manifest)
     missing = [n.value for n in networks if n not in manifest.graphs]
     if missing:
@@ -119,7 +122,7 @@ def plan_targets(manifest: Manifest, settings: BuildSettings) -> list[PlanTarget
     for network in networks:
         typed = manifest.graphs[network].precision is Precision.FP16
         if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
-            if settings.vae_precision is VaePrecision.FP16_GUARDED:
+            if settings.vae_precision is Precision.FP16:
                 targets.append(PlanTarget(network, Precision.FP16, typed))
             targets.append(PlanTarget(network, Precision.FP32, typed))
         else:
@@ -291,7 +294,7 @@ def build_one(ctx: BuildContext, target: PlanTarget) -> PlanResult:
         target, entry.spec, entry.sha256, settings.profiles, dims, settings, ctx.trt.__version__, ctx.gpu
     )
     plan_path = ctx.plan_dir / f"{target.name}.plan"
-    reason = needs_build(plan_path, key, settings.force, settings.no_rebuild)
+    reason = needs_build(plan_path, key, settings.rebuild)
     if reason is None:
         ctx.progress(f"{target.name}: up to date ({plan_path.name})")
         return PlanResult(target, plan_path, False, "up to date", 0.0, read_sidecar(plan_path)["parity"])
@@ -355,7 +358,7 @@ def build_engine(
     for target in targets:  # profile errors before minutes of building
         for profile in settings.profiles:
             profile_shapes(manifest.graphs[target.network].spec, profile, manifest.dims)
-    trt, _, gpu = check_environment(device)
+    trt, _, gpu = check_environment(device, for_build=True)
     plan_dir = root / PLAN_DIR
     plan_dir.mkdir(exist_ok=True)
     cache_path = settings.timing_cache or default_timing_cache(plan_dir, trt.__version__, gpu)

@@ -68,14 +68,19 @@ def detect_gpu(cudart: Any, device: int = 0) -> GpuInfo:
     return GpuInfo(name.strip("\0 "), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
 
 
-def check_environment(device: int = 0) -> tuple[Any, Any, GpuInfo]:
-    """tensorrt, cuda-python's runtime and the GPU, or one line saying which is missing."""
+def check_environment(device: int = 0, for_build: bool = False) -> tuple[Any, Any, GpuInfo]:
+    """tensorrt, cuda-python's runtime and the GPU, or one line saying which is missing.
+
+    for_build: polygraphy too (the builder's parity gate runs TensorRT and ONNX Runtime through it);
+    running a built plan does not need it.
+    """
     trt = import_tensorrt()
     cudart = import_cudart()
-    try:
-        import polygraphy  # noqa: F401  (the parity gate runs TensorRT and ONNX Runtime through it)
-    except ImportError:
-        raise MissingDependencyError(f"polygraphy is not installed: {TRT_INSTALL_HINT}") from None
+    if for_build:
+        try:
+            import polygraphy  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(f"polygraphy is not installed: {TRT_INSTALL_HINT}") from None
     gpu = detect_gpu(cudart, device)
     cuda_check(cudart.cudaSetDevice(device), "cudaSetDevice")
     # Plans whose ONNX used plugin ops (e.g. GroupNorm in some exports) need the plugin registry.
@@ -94,10 +99,12 @@ def trt_logger(trt: Any) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.count = 0  # errors logged so far, trimmed ones included
 
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
+                self.count += 1
                 del self.errors[:-MAX_KEPT_ERRORS]  # a long-running service logs through this one too
                 log.error("tensorrt: %s", msg)
             elif severity == trt.ILogger.Severity.WARNING:
@@ -106,3 +113,21 @@ def trt_logger(trt: Any) -> Any:
                 log.debug("tensorrt: %s", msg)
 
     return Logger()
+
+
+def error_count(logger: Any) -> int:
+    """How many errors a :func:`trt_logger` logger has logged so far (0 without one)."""
+    return int(getattr(logger, "count", 0))
+
+
+def errors_since(logger: Any, before: int, failure: BaseException | None = None) -> str:
+    """``": <errors>"``: what TensorRT logged since :func:`error_count` was ``before``, plus a binding's
+    exception text, on one line; "" when there is nothing to add."""
+    new = error_count(logger) - before
+    kept: list[str] = list(getattr(logger, "errors", []))
+    messages = kept[-new:] if new > 0 else []
+    if failure is not None:
+        messages.append(str(failure))
+    if not messages:
+        return ""
+    return ": " + "; ".join(" ".join(str(message).split()) for message in messages)

@@ -8,15 +8,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import BuildError, EngineFolderError
+from engine.fsutil import write_atomic
+from engine.hashing import json_digest, sha256_file
 from engine.specs import (
     GraphSpec,
     ModelDims,
@@ -35,6 +36,15 @@ INDEX_NAME = "plans.json"
 
 
 KEY_VERSION = 1
+
+
+class Rebuild(str, Enum):
+    """When a plan is rebuilt: AUTO when its cached plan is missing or keyed differently; ALWAYS
+    (``--force``); NEVER (``--no-rebuild``: a plan that would need building is an error)."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,7 @@ class PlanKey:
         return data
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        return json_digest(self.to_json())
 
 
 def plan_key(
@@ -115,14 +125,6 @@ def plan_key(
 
 def sidecar_path(plan: Path) -> Path:
     return plan.with_name(plan.name + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_sidecar(plan: Path) -> dict[str, Any]:
@@ -180,35 +182,23 @@ def plan_problem(plan: Path, key: PlanKey, verify_bytes: bool = True) -> str | N
         return mismatch or "its sidecar digest does not match its key"
     if plan.stat().st_size != sidecar["plan_bytes"]:
         return "the plan file is truncated"
-    if verify_bytes and file_sha256(plan) != sidecar["plan_sha256"]:
+    if verify_bytes and sha256_file(plan) != sidecar["plan_sha256"]:
         return "the plan file is corrupt (sha256 differs from its sidecar)"
     if not sidecar["parity"].get("passed", False):
         return "it failed its parity gate"
     return None
 
 
-def needs_build(plan: Path, key: PlanKey, force: bool = False, no_rebuild: bool = False) -> str | None:
-    """The reason to build this plan, or None to reuse it; with no_rebuild a needed build raises."""
-    problem = "--force was given" if force else plan_problem(plan, key)
-    if problem is not None and no_rebuild:
+def needs_build(plan: Path, key: PlanKey, rebuild: Rebuild = Rebuild.AUTO) -> str | None:
+    """The reason to build this plan, or None to reuse it; Rebuild.NEVER turns a needed build into a
+    BuildError naming the reason."""
+    problem = "--force was given" if rebuild is Rebuild.ALWAYS else plan_problem(plan, key)
+    if problem is not None and rebuild is Rebuild.NEVER:
         raise BuildError(
             f"TensorRT plan {plan} cannot be used: {problem}; --no-rebuild was given "
             "(run `sd-engine build` without it)"
         )
     return problem
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a plan."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_sidecar(plan: Path, key: PlanKey, plan_bytes: bytes, extra: Mapping[str, Any]) -> None:

@@ -1,8 +1,9 @@
-"""Text conditioning: embeddings of prompts, cached per (prompt, clip_skip)."""
+"""Text conditioning: embeddings of prompts, cached per (prompt, clip_skip) across requests."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,3 +28,24 @@ class EmbeddingCache:
         self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def embed(
+        self, texts: Sequence[str], clip_skip: int, encode: Callable[[list[str]], np.ndarray]
+    ) -> np.ndarray:
+        """Embeddings (N, 77, D) for ``texts``: hits from the LRU, the distinct misses in one ``encode``.
+
+        This call's embeddings are gathered in a local dict, so the LRU may evict freely while it
+        fills: a request with more distinct texts than the cache holds still gets every one.
+        ``encode(texts)`` returns (len(texts), 77, D); its rows are copied before they are kept.
+        """
+        found: dict[str, np.ndarray] = {}
+        for text in dict.fromkeys(texts):
+            cached = self.get((text, clip_skip))
+            if cached is not None:
+                found[text] = cached
+        missing = [text for text in dict.fromkeys(texts) if text not in found]
+        if missing:
+            for text, embedding in zip(missing, encode(missing), strict=True):
+                found[text] = np.array(embedding, copy=True)
+                self.put((text, clip_skip), found[text])
+        return np.stack([found[text] for text in texts])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from engine.errors import EngineFolderError
+from engine.fsutil import write_atomic
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -384,11 +384,42 @@ def write_tokenizer_folder(
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     merges_text = "\n".join([MERGES_HEADER, *(f"{left} {right}" for left, right in merges)]) + "\n"
-    write_text_atomic(folder / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
-    write_text_atomic(folder / MERGES_FILE, merges_text)
-    write_text_atomic(folder / CONFIG_FILE, json_text(tokenizer_config(pad_token, max_length)))
-    write_text_atomic(folder / SPECIAL_TOKENS_FILE, json_text(special_tokens_map(pad_token)))
+    write_atomic(folder / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
+    write_atomic(folder / MERGES_FILE, merges_text)
+    write_atomic(folder / CONFIG_FILE, json_text(tokenizer_config(pad_token, max_length)))
+    write_atomic(folder / SPECIAL_TOKENS_FILE, json_text(special_tokens_map(pad_token)))
     return folder
+
+
+BUNDLED_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def bundled_bpe_path() -> Path:
+    """OpenAI CLIP's BPE vocabulary shipped inside the package (engine/text/data/, MIT, see its README)."""
+    return Path(__file__).resolve().parent / "data" / BUNDLED_BPE_FILE
+
+
+def bundled_clip_tokenizer(pad_token: str = EOS_TOKEN, max_length: int = DEFAULT_MAX_LENGTH) -> ClipTokenizer:
+    """The SD 1.x / 2.x tokenizer built from the bundled vocabulary, for models that ship no tokenizer.
+
+    Identical to ClipTokenizer.from_folder on a folder write_tokenizer_folder wrote with the same
+    pad_token ("<|endoftext|>" for SD 1.x, "!" for SD 2.x) and max_length; nothing is written to disk.
+    Raises ValueError for a pad token outside the vocabulary.
+    """
+    source = bundled_bpe_path()
+    vocab, merges = read_openai_bpe(source)
+    if pad_token not in vocab:
+        raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
+    # What read_settings makes of the folder: special_tokens_map.json overrides the named tokens.
+    named = special_tokens_map(pad_token)
+    settings = TokenizerSettings(
+        bos=parse_special_token(named["bos_token"], source),
+        eos=parse_special_token(named["eos_token"], source),
+        unk=parse_special_token(named["unk_token"], source),
+        pad=parse_special_token(named["pad_token"], source),
+        max_length=max_length,
+    )
+    return ClipTokenizer(vocab, merges, settings)
 
 
 def tokenizer_config(pad_token: str, max_length: int) -> dict[str, Any]:
@@ -422,16 +453,3 @@ def added_token_fields(content: str) -> dict[str, Any]:
 
 def json_text(content: Any) -> str:
     return json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target then rename, so a reader never sees a half-written file."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; a model folder is shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

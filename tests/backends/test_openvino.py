@@ -12,7 +12,9 @@ import pytest
 from engine.backends.onnxruntime import OnnxRuntimeBackend
 from engine.errors import EngineError, EngineFolderError
 from engine.manifest import read_manifest
+from engine.parity import psnr
 from engine.pipeline import Pipeline
+from engine.runtime import open_backend
 from engine.specs import Network, axis_sizes, sample_inputs
 
 ov = pytest.importorskip("openvino", reason='openvino is not installed: pip install "sd-engine[openvino]"')
@@ -30,12 +32,6 @@ SETTINGS = {
 }
 
 
-def _psnr(a, b) -> float:
-    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 def _rel(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
@@ -45,12 +41,12 @@ def reference(tiny_engine: Path) -> list:
     return Pipeline.load(tiny_engine).generate(["a red fox", "a boat"], "blurry", **SETTINGS).images
 
 
-@pytest.mark.parametrize(("precision", "limit"), [("f32", 1e-4), pytest.param("bf16", 0.1, marks=needs_bf16)])
+@pytest.mark.parametrize(
+    ("precision", "limit"), [("fp32", 1e-4), pytest.param("bf16", 0.1, marks=needs_bf16)]
+)
 def test_every_graph_matches_onnxruntime(tiny_engine: Path, precision: str, limit: float) -> None:
-    from engine.backends.openvino import open_openvino
-
     manifest = read_manifest(tiny_engine)
-    load = open_openvino(tiny_engine, manifest, precision=precision)
+    load = open_backend("openvino", tiny_engine, manifest, {"precision": precision})
     rng = np.random.default_rng()
     for network, entry in manifest.graphs.items():
         graph = load(network)
@@ -66,7 +62,7 @@ def test_every_graph_matches_onnxruntime(tiny_engine: Path, precision: str, limi
 
 
 @pytest.mark.parametrize(
-    ("precision", "min_psnr"), [("f32", 60.0), pytest.param("bf16", 40.0, marks=needs_bf16)]
+    ("precision", "min_psnr"), [("fp32", 60.0), pytest.param("bf16", 40.0, marks=needs_bf16)]
 )
 def test_images_match_the_fp32_pipeline(
     tiny_engine: Path, reference: list, precision: str, min_psnr: float
@@ -74,13 +70,17 @@ def test_images_match_the_fp32_pipeline(
     pipe = Pipeline.load(tiny_engine, "openvino", precision=precision)
     images = pipe.generate(["a red fox", "a boat"], "blurry", **SETTINGS).images
     for image, expected in zip(images, reference, strict=True):
-        assert _psnr(image, expected) >= min_psnr
+        assert psnr(expected, image, peak=255) >= min_psnr
 
 
 def test_bad_options_are_one_line_errors(tiny_engine: Path) -> None:
-    with pytest.raises(EngineError, match=r"bad openvino backend options .*precision: bf16, f32"):
+    with pytest.raises(EngineError, match=r"bad openvino backend options .*precision: fp32, fp16, bf16"):
         Pipeline.load(tiny_engine, "openvino", precision="int4")
-    with pytest.raises(EngineError, match=r"bad openvino backend options .*valid: precision, threads, cache"):
+    with pytest.raises(EngineError, match=r"the openvino backend runs in bf16, fp32, not fp16"):
+        Pipeline.load(tiny_engine, "openvino", precision="fp16")
+    with pytest.raises(
+        EngineError, match=r"bad openvino backend options .*valid: device, precision, threads, cache"
+    ):
         Pipeline.load(tiny_engine, "openvino", provider="CPUExecutionProvider")
 
 
@@ -91,14 +91,12 @@ def test_a_graph_of_another_interface_is_refused(tiny_engine: Path, tmp_path: Pa
     (engine / "manifest.json").write_text(json.dumps(data))
     pipe_load = Pipeline.load
     with pytest.raises(EngineFolderError, match=r"text_encoder\.onnx does not match the vae_decoder spec"):
-        pipe_load(engine, "openvino", precision="f32")
+        pipe_load(engine, "openvino", precision="fp32")
 
 
 def test_non_finite_outputs_raise_instead_of_making_black_images(tiny_engine: Path) -> None:
-    from engine.backends.openvino import open_openvino
-
     manifest = read_manifest(tiny_engine)
-    decoder = open_openvino(tiny_engine, manifest, precision="f32")(Network.VAE_DECODER)
+    decoder = open_backend("openvino", tiny_engine, manifest, {"precision": "fp32"})(Network.VAE_DECODER)
     latent = np.full((1, 4, 8, 8), np.inf, np.float32)
-    with pytest.raises(EngineError, match=r"vae_decoder: OpenVINO \(openvino:CPU:f32\) returned non-finite"):
+    with pytest.raises(EngineError, match=r"vae_decoder: OpenVINO \(openvino:CPU:fp32\) returned non-finite"):
         decoder.run({"latent": latent})

@@ -29,6 +29,7 @@ from engine.backends.onnxruntime import (
     _load_error,
     _run_options,
 )
+from engine.backends.options import CPU, CUDA, Device, DeviceKind, Switch, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import read_manifest
 from engine.specs import GraphSpec, Network, TensorSpec, axis_sizes, sample_inputs
@@ -40,7 +41,7 @@ needs_cuda_ep = pytest.mark.skipif(
     reason=f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (have "
     f"{ort.get_available_providers()}): install onnxruntime-gpu on a CUDA machine",
 )
-CPU_BOUND = OrtOptions(provider=Provider.CPU, io_binding=True, intra_op_threads=1)
+CPU_BOUND = OrtOptions(device=CPU, io_binding=Switch.ON, threads=1)
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
 # mean = x @ W + b; std = exp(mean) * float(ids): two inputs (float32, int64), two outputs, batch dynamic.
@@ -124,7 +125,7 @@ def _pointers(values: dict[str, ort.OrtValue]) -> dict[str, int]:
 
 
 def test_binding_defaults_follow_the_provider(model_file: Path) -> None:
-    assert OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(model_file, SPEC).runner is None
+    assert OnnxRuntimeBackend(OrtOptions(device=CPU)).load(model_file, SPEC).runner is None
     graph = OnnxRuntimeBackend(CPU_BOUND).load(model_file, SPEC)
     runner = _runner(graph)
     assert (runner.device_type, runner.device_id, runner.cuda_graph) == ("cpu", 0, False)
@@ -205,7 +206,7 @@ def test_outputs_are_copies_the_caller_owns(model_file: Path) -> None:
 
 def test_cached_graph_runs_bound_and_shares_the_cache_key(model_file: Path, tmp_path: Path) -> None:
     bound_backend = OnnxRuntimeBackend(CPU_BOUND)
-    plain_backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, intra_op_threads=1))
+    plain_backend = OnnxRuntimeBackend(OrtOptions(device=CPU, threads=1))
     assert bound_backend.cache_key(model_file) == plain_backend.cache_key(model_file)
     made = bound_backend.load(model_file, SPEC, cache_dir=tmp_path / "cache")
     reused = bound_backend.load(model_file, SPEC, cache_dir=tmp_path / "cache")
@@ -243,31 +244,33 @@ def test_run_options_carry_the_graph_id() -> None:
         _run_options(None).get_run_config_entry(GRAPH_ID_KEY)
 
 
-def test_cuda_graph_on_the_cpu_provider_is_refused() -> None:
-    with pytest.raises(EngineError, match="cuda_graph=True needs provider CUDAExecutionProvider, not CPU"):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, cuda_graph=True))
-    with pytest.raises(EngineError, match="cuda_graph=True needs provider CUDAExecutionProvider"):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, io_binding=True, cuda_graph=True))
+def test_cuda_graph_on_the_cpu_is_refused() -> None:
+    with pytest.raises(EngineError, match=r"cuda_graph needs device cuda \(CUDAExecutionProvider\), not CPU"):
+        OnnxRuntimeBackend(OrtOptions(device=CPU, cuda_graph=Switch.ON))
+    with pytest.raises(EngineError, match="cuda_graph needs device cuda"):
+        OnnxRuntimeBackend(OrtOptions(device=CPU, io_binding=Switch.ON, cuda_graph=Switch.ON))
 
 
 def test_cuda_graph_without_io_binding_is_refused() -> None:
-    options = OrtOptions(provider=Provider.CUDA, io_binding=False, cuda_graph=True)
-    with pytest.raises(EngineError, match="cuda_graph=True needs io_binding"):
-        _check_device_options(options, Provider.CUDA, io_binding=False)
-    _check_device_options(options, Provider.CUDA, io_binding=True)  # the same with binding is fine
+    with pytest.raises(EngineError, match="cuda_graph needs io_binding"):
+        _check_device_options(Provider.CUDA, io_binding=False, cuda_graph=True)
+    _check_device_options(Provider.CUDA, io_binding=True, cuda_graph=True)  # the same with binding is fine
 
 
-def test_device_id_must_name_a_device() -> None:
-    with pytest.raises(EngineError, match="device_id=1 is not a device of CPUExecutionProvider"):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, device_id=1))
-    with pytest.raises(EngineError, match="device_id=-1"):
-        _check_device_options(OrtOptions(device_id=-1), Provider.CUDA, io_binding=True)
+def test_device_must_be_cpu_or_a_cuda_device() -> None:
+    with pytest.raises(EngineError, match="device 'cpu:1' is not cpu, cuda or cuda:N"):
+        parse_backend_options(OrtOptions, {"device": "cpu:1"}, "onnxruntime")
+    with pytest.raises(EngineError, match="device 'cuda:-1'"):
+        parse_backend_options(OrtOptions, {"device": "cuda:-1"}, "onnxruntime")
+    assert parse_backend_options(OrtOptions, {"device": "cuda:1"}, "onnxruntime").device == Device(
+        DeviceKind.CUDA, 1
+    )
 
 
 @pytest.mark.skipif(HAVE_CUDA_EP, reason="this onnxruntime has the CUDA provider")
 def test_cuda_graph_asks_for_cuda_and_says_it_is_missing() -> None:
     with pytest.raises(MissingDependencyError, match="CUDAExecutionProvider is not available"):
-        OnnxRuntimeBackend(OrtOptions(cuda_graph=True))
+        OnnxRuntimeBackend(OrtOptions(cuda_graph=Switch.ON))
 
 
 def test_refused_capture_is_not_a_damaged_file(tmp_path: Path) -> None:
@@ -288,7 +291,7 @@ def test_refused_capture_is_not_a_damaged_file(tmp_path: Path) -> None:
     [
         pytest.param(CPU_BOUND, id="cpu-iobinding"),
         pytest.param(
-            OrtOptions(provider=Provider.CUDA, cuda_graph=True),
+            OrtOptions(device=CUDA, cuda_graph=Switch.ON),
             id="cuda-graph",
             marks=[needs_cuda_ep, pytest.mark.gpu],
         ),
@@ -298,11 +301,11 @@ def test_tiny_unet_bound_matches_plain_cpu(tiny_engine: Path, options: OrtOption
     """A real exported UNet: bound runs (and CUDA-graph replays) against plain CPU session.run."""
     manifest = read_manifest(tiny_engine)
     entry = manifest.graphs[Network.UNET]
-    plain = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(tiny_engine / entry.file, entry.spec)
+    plain = OnnxRuntimeBackend(OrtOptions(device=CPU)).load(tiny_engine / entry.file, entry.spec)
     bound = OnnxRuntimeBackend(options).load(tiny_engine / entry.file, entry.spec)
     runner = _runner(bound)
     # Accelerated fp32 differs from the CPU in rounding (TF32 is ONNX Runtime's CUDA default).
-    tolerance = 1e-5 if options.provider is Provider.CPU else 1e-2
+    tolerance = 1e-5 if options.device == CPU else 1e-2
     rng = np.random.default_rng(7)
     pointers: dict[int, dict[str, int]] = {}
     previous = 0

@@ -22,12 +22,11 @@ from engine.backends.onnxruntime import (
     OrtOptions,
     Provider,
     available_providers,
-    external_data_files,
-    graph_content_hash,
 )
+from engine.backends.options import CPU, CUDA
 from engine.errors import EngineFolderError, MissingDependencyError
+from engine.hashing import external_data_files, graph_content_hash
 from engine.machine import physical_cores
-from engine.runtime import Backend
 from engine.specs import GraphSpec, ModelDims, Network, TensorSpec, unet_spec, vae_decoder_spec
 
 DIMS = ModelDims(latent_channels=4, text_hidden_size=8)
@@ -165,7 +164,7 @@ CONV_SPEC = GraphSpec(
 def test_dynamo_export_matches_torch(decoder: tuple[TinyDecoder, Path], tmp_path: Path) -> None:
     module, path = decoder
     spec = vae_decoder_spec(DIMS)
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     plain = backend.load(path, spec)
     cached = backend.load(path, spec, cache_dir=tmp_path)
     assert plain.providers == [Provider.CPU.value]
@@ -181,9 +180,7 @@ def test_dynamo_export_matches_torch(decoder: tuple[TinyDecoder, Path], tmp_path
 
 
 def test_multi_input_graph_matches_numpy(unet_file: Path) -> None:
-    graph = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, intra_op_threads=1)).load(
-        unet_file, unet_spec(DIMS)
-    )
+    graph = OnnxRuntimeBackend(OrtOptions(device=CPU, threads=1)).load(unet_file, unet_spec(DIMS))
     feeds = _unet_feeds(np.random.default_rng(2))
     out = graph.run(feeds)
     assert list(out) == ["noise_pred"]
@@ -232,7 +229,7 @@ def _batch_mismatch(feeds: dict) -> dict:
     ],
 )
 def test_wrong_inputs_name_the_input(unet_file: Path, corrupt, error: type[Exception], names: str) -> None:
-    graph = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(unet_file, unet_spec(DIMS))
+    graph = OnnxRuntimeBackend(OrtOptions(device=CPU)).load(unet_file, unet_spec(DIMS))
     feeds = corrupt(_unet_feeds(np.random.default_rng(3)))
     with pytest.raises(error, match=names):
         graph.run(feeds)
@@ -240,7 +237,7 @@ def test_wrong_inputs_name_the_input(unet_file: Path, corrupt, error: type[Excep
 
 def test_cache_written_then_used(unet_file: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    backend: Backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     first = backend.load(unet_file, unet_spec(DIMS), cache_dir=cache)
     assert not first.cache_hit
     entry = first.loaded_from.parent
@@ -263,7 +260,7 @@ def test_cache_written_then_used(unet_file: Path, tmp_path: Path) -> None:
 
 
 def test_content_change_makes_a_new_entry(unet_file: Path, tmp_path: Path) -> None:
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     cache = tmp_path / "cache"
     old = backend.load(unet_file, unet_spec(DIMS), cache_dir=cache)
     old_key = backend.cache_key(unet_file)
@@ -278,7 +275,7 @@ def test_content_change_makes_a_new_entry(unet_file: Path, tmp_path: Path) -> No
 
 
 def test_manifest_hash_is_trusted_for_the_key(unet_file: Path) -> None:
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     given = backend.cache_key(unet_file, content_hash="ab" * 32)
     assert given.content_hash == "ab" * 32
     assert given.digest() != backend.cache_key(unet_file).digest()
@@ -303,7 +300,7 @@ def _forge_key(entry: Path) -> None:
 @pytest.mark.parametrize("damage", [_garble_model, _truncate_data, _forge_key])
 def test_damaged_cache_is_replaced(tmp_path: Path, damage) -> None:
     source, weight, bias = _conv_model_external(tmp_path, seed=0)
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, external_min_bytes=8))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU, external_min_bytes=8))
     cache = tmp_path / "cache"
     entry = backend.load(source, CONV_SPEC, cache_dir=cache).loaded_from.parent
     damage(entry)
@@ -320,7 +317,7 @@ def test_damaged_cache_is_replaced(tmp_path: Path, damage) -> None:
 def test_external_data_model(tmp_path: Path) -> None:
     source, weight, bias = _conv_model_external(tmp_path, seed=0)
     assert external_data_files(source) == [tmp_path / "conv.onnx.data"]
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, external_min_bytes=8))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU, external_min_bytes=8))
     first = backend.load(source, CONV_SPEC, cache_dir=tmp_path / "cache")
     second = backend.load(source, CONV_SPEC, cache_dir=tmp_path / "cache")
     assert (first.loaded_from.parent / CACHED_DATA).stat().st_size > 0
@@ -341,7 +338,7 @@ def test_unwritable_cache_loads_without_it(unet_file: Path, tmp_path: Path, capl
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="engine.backends.onnxruntime"):
-        graph = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(
+        graph = OnnxRuntimeBackend(OrtOptions(device=CPU)).load(
             unet_file, unet_spec(DIMS), cache_dir=blocker / "cache"
         )
     assert graph.loaded_from == unet_file and not graph.cache_hit
@@ -354,14 +351,14 @@ def test_unwritable_cache_loads_without_it(unet_file: Path, tmp_path: Path, capl
 
 def test_missing_graph_file(tmp_path: Path) -> None:
     with pytest.raises(EngineFolderError, match=r"nothing\.onnx"):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(tmp_path / "nothing.onnx", CONV_SPEC)
+        OnnxRuntimeBackend(OrtOptions(device=CPU)).load(tmp_path / "nothing.onnx", CONV_SPEC)
 
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_corrupt_graph_file(tmp_path: Path, cached: bool) -> None:
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"not a protobuf\x00\x01\x02")
-    backend = OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU))
+    backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     with pytest.raises(EngineFolderError, match=r"broken\.onnx") as raised:
         backend.load(path, CONV_SPEC, cache_dir=tmp_path / "cache" if cached else None)
     assert "\n" not in str(raised.value) and "INVALID_PROTOBUF" in str(raised.value)
@@ -369,18 +366,18 @@ def test_corrupt_graph_file(tmp_path: Path, cached: bool) -> None:
 
 def test_graph_not_matching_spec(unet_file: Path) -> None:
     with pytest.raises(EngineFolderError, match="does not match the vae_decoder spec"):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).load(unet_file, CONV_SPEC)
+        OnnxRuntimeBackend(OrtOptions(device=CPU)).load(unet_file, CONV_SPEC)
 
 
 @pytest.mark.skipif(Provider.CUDA.value in available_providers(), reason="onnxruntime-gpu is installed")
 def test_cuda_without_onnxruntime_gpu() -> None:
     with pytest.raises(MissingDependencyError, match=r'pip install "sd-engine\[gpu\]"'):
-        OnnxRuntimeBackend(OrtOptions(provider=Provider.CUDA))
+        OnnxRuntimeBackend(OrtOptions(device=CUDA))
     assert OnnxRuntimeBackend().provider is Provider.CPU
 
 
 def test_threads_default_to_physical_cores() -> None:
     cores = physical_cores()
     assert 1 <= cores <= (os.cpu_count() or 1)
-    assert OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU)).threads == cores
-    assert OnnxRuntimeBackend(OrtOptions(provider=Provider.CPU, intra_op_threads=3)).threads == 3
+    assert OnnxRuntimeBackend(OrtOptions(device=CPU)).threads == cores
+    assert OnnxRuntimeBackend(OrtOptions(device=CPU, threads=3)).threads == 3

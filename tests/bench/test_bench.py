@@ -9,19 +9,21 @@ import copy
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from engine.bench.config import ChildSpec, Contender, Device, Workload, check_available, parse_contenders
+from engine.bench.contenders import EngineRunner, backend_options
 from engine.bench.prompts import BUILTIN_PROMPTS, load_prompts
-from engine.bench.stats import percentile
+from engine.bench.report import render_terminal
+from engine.bench.stats import finalize, percentile
 from engine.commands.bench import EXIT_REGRESSION, add_command
 from engine.errors import EngineError
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
+PARTI_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "partiprompts" / "PartiPrompts.tsv"
 CONTENDERS = ("diffusers", "onnxruntime")
 RUNS, WARMUP, STEPS = 2, 1, 2
 
@@ -177,6 +179,12 @@ def test_chart(run: dict[str, Any], tmp_path: Path) -> None:
             ["--contenders", "diffusers,onnx"],
             "unknown contender 'onnx'; valid contenders: diffusers, onnxruntime",
         ),
+        (["--contenders", "diffusers,torch-cuda:graph+turbo"], "unknown option 'turbo' in contender"),
+        (["--contenders", "diffusers,torch-cuda:graph+eager"], "sets cuda_graph both ways"),
+        (["--contenders", "diffusers,tensorrt"], "contender 'tensorrt' runs on a CUDA GPU"),
+        (["--contenders", "diffusers,torch:graph"], "eager / graph is an option of"),
+        (["--contenders", "diffusers:fp16"], "graph and fp16 need --device cuda"),
+        (["--contenders", "diffusers,openvino", "--device", "cuda"], "contender 'openvino' runs on the CPU"),
         (["--size", "250"], "multiples of 8 px"),
         (["--size", "big"], "--size must be N or WxH"),
         (["--runs", "0"], "--runs must be at least 1"),
@@ -227,10 +235,8 @@ def test_prompt_files(tmp_path: Path) -> None:
     assert load_prompts(None) == BUILTIN_PROMPTS
     with pytest.raises(ValueError, match="has no Prompt column"):
         load_prompts(tmp_path / "bad.tsv")
-    parti = SHARED / "data" / "partiprompts" / "PartiPrompts.tsv"
-    if parti.is_file():
-        prompts = load_prompts(parti)
-        assert len(prompts) > 1000 and prompts[0] == "bond"
+    prompts = load_prompts(PARTI_PROMPTS)
+    assert len(prompts) == 1632 and prompts[0] == "bond"
 
 
 def test_percentile_interpolates_linearly() -> None:
@@ -241,13 +247,141 @@ def test_percentile_interpolates_linearly() -> None:
     assert percentile([5.0], 90) == 5.0
 
 
-def test_bench_command_stays_light() -> None:
-    """`sd-engine --help` builds the bench parser: that must not import torch or diffusers."""
-    code = (
-        "import argparse, sys\n"
-        "from engine.commands.bench import add_command\n"
-        "add_command(argparse.ArgumentParser().add_subparsers())\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+# -- the graphs a run used, and nothing more (issue 10 part 7) ----------------------------------------
+
+
+def test_report_names_the_graphs_the_run_used(run: dict[str, Any]) -> None:
+    """The tiny engine has unet_cfg: the default run guides inside it and never touches the plain UNet."""
+    info = run["report"]["contenders"]["onnxruntime"]["info"]
+    assert info["graphs"] == ["text_encoder", "unet_cfg", "vae_decoder"]
+    assert info["fused_cfg"] is True and info["contender"] == "onnxruntime"
+
+
+def _runner(engine: Path, tmp_path: Path, contender: str) -> EngineRunner:
+    workload = Workload(prompts=("a red cube",), width=64, height=64, steps=2)
+    spec = ChildSpec(Contender.parse(contender), engine, engine, workload, 1, 0, Device.CPU, tmp_path)
+    runner = EngineRunner(spec)
+    runner.import_libraries()
+    runner.load()
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("contender", "unet"), [("onnxruntime", "unet_cfg"), ("onnxruntime:unfused", "unet")]
+)
+def test_info_loads_no_graph_the_run_did_not_use(
+    tiny_engine: Path, tmp_path: Path, contender: str, unet: str
+) -> None:
+    """info() used to load the plain UNet before peak RSS was read (and failed without its plan)."""
+    from engine.specs import Network
+
+    runner = _runner(tiny_engine, tmp_path, contender)
+    image, stages = runner.generate("a red cube", lambda step, total: None)
+    assert image.shape == (64, 64, 3) and stages["unet_calls"] == 2
+    info = runner.info()
+    assert info["graphs"] == ["text_encoder", unet, "vae_decoder"]
+    loaded = {n.value for n in runner.pipe._graphs}  # what the pipeline holds in memory
+    assert loaded == {"text_encoder", unet, "vae_decoder"}
+    other = Network.UNET if unet == "unet_cfg" else Network.UNET_CFG
+    assert other.value not in loaded
+
+
+# -- contenders and their options ----------------------------------------------------------------------
+
+
+def test_contender_names_round_trip() -> None:
+    names = "diffusers:fp16,torch-cuda:eager+unfused,torch-cuda:graph+fused,onnxruntime:graph+fused,tensorrt"
+    contenders = parse_contenders(names + ",TensorRT")
+    assert [c.name for c in contenders] == names.split(",")
+    assert Contender.parse("torch-cuda:fused+graph").name == "torch-cuda:graph+fused"
+    assert contenders[0].label == "diffusers (torch eager fp16)"
+    assert contenders[2].label == "sd-engine (torch-cuda) graph + fused"
+    assert [c.fused_cfg for c in contenders] == [None, False, True, True, None]
+
+
+def test_backend_options_use_the_one_vocabulary() -> None:
+    assert backend_options(Contender.parse("onnxruntime:graph+fused"), Device.CUDA) == {
+        "cuda_graph": True,
+        "device": "cuda",
+    }
+    assert backend_options(Contender.parse("onnxruntime"), Device.CPU) == {"device": "cpu"}
+    trt = backend_options(Contender.parse("tensorrt:eager"), Device.CUDA)
+    assert trt == {"cuda_graph": False, "timing": True}
+
+
+def test_unavailable_contenders_are_skipped_with_a_reason_or_refused(tmp_path: Path) -> None:
+    """tensorrt without plans (or without the package) cannot run: refused, or skipped on request."""
+    contenders = parse_contenders("diffusers,tensorrt:graph+fused")
+    kept, skipped = check_available(contenders, Device.CUDA, tmp_path, skip=True)
+    assert [c.name for c in kept] == ["diffusers"]
+    assert [name for name, _ in skipped] == ["tensorrt:graph+fused"]
+    assert "tensorrt" in skipped[0][1] and "\n" not in skipped[0][1]
+    refused = r"'tensorrt:graph\+fused' cannot run here: (needs tensorrt|no TensorRT)"
+    with pytest.raises(ValueError, match=refused):
+        check_available(contenders, Device.CUDA, tmp_path, skip=False)
+
+
+def test_gpu_contenders_without_cuda_are_refused_in_one_line(tiny_model: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(EngineError, match="--device cuda: no CUDA GPU visible to torch") as error:
+        bench("--model", str(tiny_model), "--device", "cuda", "--contenders", "diffusers,torch-cuda:graph")
+    assert "\n" not in str(error.value)
+
+
+def test_dry_run_lists_the_gpu_contenders(capsys: pytest.CaptureFixture[str]) -> None:
+    contenders = "diffusers:fp16,torch-cuda:eager+unfused,onnxruntime:graph+fused,tensorrt:graph+fused"
+    assert bench("--dry-run", "--device", "cuda", "--contenders", contenders, "--size", "512") == 0
+    out = capsys.readouterr().out
+    assert "dry run: 512x512" in out
+    assert "[2] torch-cuda:eager+unfused" in out and "'cuda_graph': False" in out
+    assert "[4] tensorrt:graph+fused" in out
+
+
+def test_gpu_script_dry_run_passes_without_a_gpu() -> None:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
+    done = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "sd-engine bench --model" in done.stdout and "tensorrt:graph+fused" in done.stdout
+    assert not (script.parent / "gpu_bench.py").exists()
+
+
+def test_psnr_against_the_fp32_cpu_reference(tiny_model: Path, tiny_engine: Path, tmp_path: Path) -> None:
+    rc = bench(
+        "--model", str(tiny_model), "--engine", str(tiny_engine), "--contenders", "onnxruntime:unfused",
+        "--size", "64", "--steps", "2", "--runs", "1", "--warmup", "0", "--psnr-reference", "cpu-fp32",
+        "--out", str(tmp_path), "--name", "ref",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "ref.json").read_text())
+    assert report["config"]["psnr_reference"] == "cpu-fp32"
+    entry = report["contenders"]["onnxruntime:unfused"]
+    assert entry["info"]["graphs"] == ["text_encoder", "unet", "vae_decoder"]
+    psnr = entry["agreement"]["psnr_db"]
+    assert psnr is None or psnr >= 40
+    assert "PSNR of first image vs diffusers fp32 CPU" in (tmp_path / "ref.md").read_text()
+
+
+def test_device_times_and_skipped_contenders_in_the_report(run: dict[str, Any]) -> None:
+    """A contender that records UNet device time gets its rows; a skipped one is shown, not failed."""
+    report = copy.deepcopy(run["report"])
+    for sample in report["contenders"]["onnxruntime"]["samples"]:
+        sample["stages_ms"]["unet_device_per_step"] = sample["stages_ms"]["unet_per_step"] / 2
+    skipped = {"label": "sd-engine (TensorRT)", "status": "skipped", "error": "no plans"}
+    report["contenders"]["tensorrt"] = skipped
+    report = finalize(report)
+    summary = report["contenders"]["onnxruntime"]["summary"]
+    timed = [s for s in report["contenders"]["onnxruntime"]["samples"] if s["phase"] == "timed"]
+    device = [s["stages_ms"]["unet_device_per_step"] for s in timed]
+    assert summary["unet_device_per_step_ms"] == pytest.approx(np.median(device))
+    gaps = [
+        (s["latency_ms"] - s["stages_ms"]["text_encoder"] - s["stages_ms"]["vae_decode"]) / STEPS - d
+        for s, d in zip(timed, device, strict=True)
+    ]
+    assert summary["gap_per_step_ms"] == pytest.approx(np.median(gaps))
+    assert report["contenders"]["diffusers"]["summary"]["unet_device_per_step_ms"] is None
+    text = render_terminal(report)
+    assert "UNet device time, per step" in text and "skipped: no plans" in text
+    assert "UNet device time" not in render_terminal(run["report"])

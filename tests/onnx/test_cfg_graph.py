@@ -17,12 +17,9 @@ from engine.errors import EngineError
 from engine.export import ExportSettings
 from engine.manifest import read_manifest
 from engine.onnx.cfg_graph import derive_cfg_graph
+from engine.parity import rel_l2
 from engine.pipeline import Pipeline
 from engine.specs import ModelDims, Network, unet_cfg_spec, unet_spec
-
-
-def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def _load(path: Path, network: Network, dims: ModelDims):
@@ -32,13 +29,20 @@ def _load(path: Path, network: Network, dims: ModelDims):
 
 @pytest.mark.parametrize(("batch", "height", "width", "chunks"), [(1, 5, 3, 1), (2, 13, 11, 2)])
 def test_fused_graph_matches_diffusers_unet_then_guidance(
-    tiny_model: Path, tiny_engine: Path, batch: int, height: int, width: int, chunks: int
+    tiny_model: Path,
+    tiny_engine: Path,
+    batch: int,
+    height: int,
+    width: int,
+    chunks: int,
+    rng: np.random.Generator,
 ) -> None:
     unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").eval()
-    sample = torch.randn(batch, 4, height, width)
-    timestep = torch.rand(batch) * 999
-    context = torch.randn(2 * batch, 77 * chunks, unet.config.cross_attention_dim)
-    scale = float(np.random.default_rng().uniform(1.5, 12))
+    sample = torch.from_numpy(rng.standard_normal((batch, 4, height, width), dtype=np.float32))
+    timestep = torch.from_numpy(rng.uniform(0, 999, batch).astype(np.float32))
+    context_shape = (2 * batch, 77 * chunks, unet.config.cross_attention_dim)
+    context = torch.from_numpy(rng.standard_normal(context_shape, dtype=np.float32))
+    scale = float(rng.uniform(1.5, 12))
     with torch.no_grad():
         both = unet(torch.cat([sample, sample]), torch.cat([timestep, timestep]), context).sample.numpy()
     uncond, text = np.split(both.astype(np.float64), 2)
@@ -53,12 +57,14 @@ def test_fused_graph_matches_diffusers_unet_then_guidance(
     }
     actual = graph.run(feeds)["guided_noise"]
     assert actual.shape == (batch, 4, height, width)
-    assert _rel_l2(actual, expected) < 1e-4
+    assert rel_l2(expected, actual) < 1e-4
     entry = manifest.graphs[Network.UNET_CFG]
     assert entry.parity["passed"] and entry.spec == unet_cfg_spec(manifest.dims)
 
 
-def test_fused_graph_refers_to_the_unet_weights_file(tiny_engine: Path, tmp_path: Path) -> None:
+def test_fused_graph_refers_to_the_unet_weights_file(
+    tiny_engine: Path, tmp_path: Path, rng: np.random.Generator
+) -> None:
     """With external weights (every SD-size UNet), unet_cfg.onnx holds no weights of its own."""
     dims = read_manifest(tiny_engine).dims
     model = onnx.load(str(tiny_engine / "unet.onnx"))
@@ -71,7 +77,6 @@ def test_fused_graph_refers_to_the_unet_weights_file(tiny_engine: Path, tmp_path
     locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"unet.onnx.data"}
     assert [v.name for v in fused.graph.input] == unet_cfg_spec(dims).input_names
-    rng = np.random.default_rng()
     feeds = {
         "sample": rng.standard_normal((2, 4, 6, 5), dtype=np.float32),
         "timestep": rng.uniform(0, 999, 2).astype(np.float32),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,15 +14,12 @@ from transformers import CLIPTextModel
 from engine.backends.onnxruntime import OnnxRuntimeBackend
 from engine.errors import ParityError
 from engine.export import ExportSettings, export_model
+from engine.hashing import graph_content_hash
 from engine.manifest import FORMAT_VERSION, read_manifest
 from engine.models.torch_modules import UNetWrapper
 from engine.onnx.convert import parity_gate
-from engine.parity import compare
+from engine.parity import compare, rel_l2
 from engine.specs import Network, Precision, unet_spec
-
-
-def _rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def _graph(engine: Path, network: Network):
@@ -39,12 +35,23 @@ def test_manifest_records_files_hashes_and_parity(tiny_engine: Path) -> None:
     assert manifest.dims.vae_scale_factor == 8 and manifest.scaling_factor == pytest.approx(0.18215)
     assert set(manifest.graphs) == set(Network)
     for entry in manifest.graphs.values():
-        assert hashlib.sha256((tiny_engine / entry.file).read_bytes()).hexdigest() == entry.sha256
         assert entry.parity["worst_rel_l2"] <= 1e-4
         assert len(entry.parity["checks"]) >= 2
         assert entry.exporter["opset"] == "18"
     assert (tiny_engine / "tokenizer" / "vocab.json").is_file()
     assert not list(tiny_engine.parent.glob(".*tmp*"))
+
+
+def test_manifest_sha256_is_the_runtime_content_hash(tiny_engine: Path) -> None:
+    """The TensorRT plan key and the ONNX Runtime cache compare this value with graph_content_hash."""
+    variants = 0
+    for entry in read_manifest(tiny_engine).graphs.values():
+        assert entry.sha256 == graph_content_hash(tiny_engine / entry.file)
+        if entry.onnxruntime is not None:
+            variants += 1
+            assert entry.onnxruntime.sha256 == graph_content_hash(tiny_engine / entry.onnxruntime.file)
+            assert entry.onnxruntime.sha256 != entry.sha256
+    assert variants >= 1  # the tiny UNet has attention, so its fused variant is checked too
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 3), (3, 13, 11), (2, 16, 24)])
@@ -59,7 +66,7 @@ def test_unet_matches_diffusers_at_any_latent_size(tiny_model: Path, tiny_engine
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
     actual = _graph(tiny_engine, Network.UNET).run(feeds)["noise_pred"]
     assert actual.shape == expected.shape
-    assert _rel_l2(actual, expected) < 1e-5
+    assert rel_l2(expected, actual) < 1e-5
 
 
 def test_text_encoder_matches_transformers(tiny_model: Path, tiny_engine: Path) -> None:
@@ -69,8 +76,8 @@ def test_text_encoder_matches_transformers(tiny_model: Path, tiny_engine: Path) 
         out = model(ids, output_hidden_states=True)
     expected_penultimate = model.final_layer_norm(out.hidden_states[-2]).detach().numpy()
     actual = _graph(tiny_engine, Network.TEXT_ENCODER).run({"input_ids": ids.numpy()})
-    assert _rel_l2(actual["last_hidden_state"], out.last_hidden_state.numpy()) < 1e-5
-    assert _rel_l2(actual["penultimate_hidden_state"], expected_penultimate) < 1e-5
+    assert rel_l2(out.last_hidden_state.numpy(), actual["last_hidden_state"]) < 1e-5
+    assert rel_l2(expected_penultimate, actual["penultimate_hidden_state"]) < 1e-5
 
 
 def test_vae_matches_diffusers(tiny_model: Path, tiny_engine: Path) -> None:
@@ -83,9 +90,9 @@ def test_vae_matches_diffusers(tiny_model: Path, tiny_engine: Path) -> None:
     got_decoded = _graph(tiny_engine, Network.VAE_DECODER).run({"latent": latent.numpy()})["image"]
     got_posterior = _graph(tiny_engine, Network.VAE_ENCODER).run({"image": image.numpy()})
     assert got_decoded.shape == (2, 3, 56, 80)
-    assert _rel_l2(got_decoded, decoded) < 1e-5
-    assert _rel_l2(got_posterior["latent_mean"], posterior.mean.numpy()) < 1e-5
-    assert _rel_l2(got_posterior["latent_std"], posterior.std.numpy()) < 1e-5
+    assert rel_l2(decoded, got_decoded) < 1e-5
+    assert rel_l2(posterior.mean.numpy(), got_posterior["latent_mean"]) < 1e-5
+    assert rel_l2(posterior.std.numpy(), got_posterior["latent_std"]) < 1e-5
 
 
 def test_parity_gate_raises_with_numbers_on_other_weights(tiny_model: Path, tiny_engine: Path) -> None:

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from engine import Pipeline
-from engine.errors import Cancelled
+from engine.errors import Cancelled, RequestError
+from engine.pipeline import GenerationRequest
+from engine.specs import Network
 from tests.reference import diffusers_pipeline, generators, psnr
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -133,14 +135,17 @@ def test_torch_backend_gives_the_same_image(tiny_engine: Path, pipe: Pipeline) -
     assert psnr(ort_image, np.asarray(torch_image) / 255.0) >= 40
 
 
-def test_callback_sees_every_step_and_can_cancel(pipe: Pipeline) -> None:
+def test_on_step_sees_every_step_and_can_cancel(pipe: Pipeline) -> None:
     seen = []
-    pipe.generate(PROMPT, steps=4, width=64, height=64, sampler="Heun", seed=1, callback=seen.append)
+    pipe.generate(PROMPT, steps=4, width=64, height=64, sampler="Heun", seed=1, on_step=seen.append)
     assert [(s.step, s.total) for s in seen] == [
         (i, 7) for i in range(1, 8)
     ]  # Heun: 2 evaluations a step, 1 last
     with pytest.raises(Cancelled, match="step 2/4"):
-        pipe.generate(PROMPT, steps=4, width=64, height=64, seed=1, callback=lambda info: info.step < 2)
+        pipe.run(
+            GenerationRequest.create(PROMPT, steps=4, width=64, height=64, seed=1),
+            on_step=lambda info: info.step < 2,
+        )
 
 
 def test_prompt_embeddings_are_cached(pipe: Pipeline) -> None:
@@ -148,7 +153,8 @@ def test_prompt_embeddings_are_cached(pipe: Pipeline) -> None:
     cached = pipe.embeddings.get(("a unique prompt for caching", 1))
     assert cached is not None and cached.shape == (77, 32)
     result = pipe.generate("a unique prompt for caching", steps=1, width=64, height=64, seed=1)
-    assert result.timings["text_encoder"] < 1000  # a cache hit still reports the stage
+    assert pipe.embeddings.get(("a unique prompt for caching", 1)) is cached  # a hit: not encoded again
+    assert "text_encoder" in result.timings  # a cache hit still reports the stage
 
 
 @pytest.mark.parametrize(
@@ -156,15 +162,20 @@ def test_prompt_embeddings_are_cached(pipe: Pipeline) -> None:
     [
         ({"width": 100}, "width must be a multiple of 8"),
         ({"steps": 0}, "steps must be"),
-        ({"sampler": "Euler z"}, "unknown sampler 'Euler z'; valid samplers: .*DPM\\+\\+ 2M Karras"),
-        ({"strength": 1.5, "image": Image.new("RGB", (64, 64))}, "strength must be in"),
+        ({"sampler": "Euler z"}, "unknown sampler 'Euler z'; valid: .*DPM\\+\\+ 2M Karras"),
+        ({"strength": 1.5, "image": Image.new("RGB", (64, 64))}, r"strength must be a number in \(0, 1\]"),
         ({"clip_skip": 3}, "clip_skip must be 1 or 2"),
-        ({"latents": np.zeros((1, 4, 9, 8), np.float32)}, r"latents must have shape \[1, 4, 8, 8\]"),
+        ({"latents": np.zeros((1, 4, 9, 8), np.float32)}, r"latents must be of shape \[1, 4, 8, 8\]"),
+        ({"latents": np.zeros((2, 4, 8, 8), np.float32)}, r"latents must be of shape \[1, 4, 8, 8\]"),
+        ({"stepz": 3}, "unknown setting 'stepz'; valid settings: steps, "),
+        ({"callback": print}, "unknown setting 'callback'; valid settings: "),
     ],
 )
-def test_bad_requests_raise_value_error(pipe: Pipeline, settings: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_bad_requests_raise_one_line_request_error(pipe: Pipeline, settings: dict, message: str) -> None:
+    """Model-independent checks when the request is built, the model's own (sizes, latents) in run."""
+    with pytest.raises(RequestError, match=message) as error:
         pipe.generate(PROMPT, **{"width": 64, "height": 64, **settings})
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("sampler", ["DPM++ SDE Karras", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a AYS"])
@@ -177,3 +188,23 @@ def test_samplers_beyond_diffusers_are_seed_deterministic(pipe: Pipeline, sample
     other = np.asarray(pipe.generate(PROMPT, seed=10, **settings).images[0])
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_more_prompts_than_the_embedding_cache_holds(pipe: Pipeline) -> None:
+    """70 distinct prompts overflow the 64-entry LRU within one request: each still gets its own."""
+    prompts = [f"prompt number {i} {np.random.default_rng().integers(1 << 30)}" for i in range(70)]
+    request = GenerationRequest.create(prompts, steps=1, width=64, height=64, seed=3, sampler="Euler")
+    context = pipe.encode_prompts(request)
+    assert context.shape == (140, 77, 32)  # [negatives; positives]
+
+    def encode_alone(text: str) -> np.ndarray:  # the graph itself: no cache involved
+        ids = pipe.tokenizer.encode([text])
+        return pipe.graph(Network.TEXT_ENCODER).run({"input_ids": ids})["last_hidden_state"][0]
+
+    for i in (0, 5, 63, 64, 69):
+        np.testing.assert_allclose(context[70 + i], encode_alone(prompts[i]), atol=1e-5)
+    np.testing.assert_allclose(context[:70], np.broadcast_to(encode_alone(""), (70, 77, 32)), atol=1e-5)
+    result = pipe.run(request)
+    assert len(result.images) == 70 and result.seeds == list(range(3, 73))
+    alone = pipe.generate(prompts[69], steps=1, width=64, height=64, seed=72, sampler="Euler").images[0]
+    assert psnr(result.images[69], np.asarray(alone) / 255.0) >= 40

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -185,10 +183,11 @@ def test_stochastic_sampler_without_noise_or_rng_raises(name):
 
 
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))
-def test_rng_gives_reproducible_noise(name):
-    a = sample(schedulers.create(name, SD15, rng=np.random.default_rng(5)), 6)
-    b = sample(schedulers.create(name, SD15, rng=np.random.default_rng(5)), 6)
-    c = sample(schedulers.create(name, SD15, rng=np.random.default_rng(6)), 6)
+def test_rng_gives_reproducible_noise(name, rng):
+    seed = int(rng.integers(2**32))
+    a = sample(schedulers.create(name, SD15, rng=np.random.default_rng(seed)), 6)
+    b = sample(schedulers.create(name, SD15, rng=np.random.default_rng(seed)), 6)
+    c = sample(schedulers.create(name, SD15, rng=np.random.default_rng(seed + 1)), 6)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
 
@@ -201,8 +200,8 @@ def test_noise_shape_is_checked():
 
 
 @pytest.mark.parametrize("name", ["Heun", "DPM++ 2M", "UniPC", "PNDM", "LMS", "DPM++ SDE"])
-def test_steps_must_run_in_order(name):
-    sched = schedulers.create(name, SD15, rng=np.random.default_rng(0))
+def test_steps_must_run_in_order(name, rng):
+    sched = schedulers.create(name, SD15, rng=rng)
     sched.set_timesteps(5)
     x = np.ones(SHAPE)
     with pytest.raises(ValueError, match=r"call step for i = 0, 1, 2, \.\.\. in order"):
@@ -211,15 +210,16 @@ def test_steps_must_run_in_order(name):
 
 
 @pytest.mark.parametrize("name", REQUIRED)
-def test_no_hidden_state_between_runs(name):
+def test_no_hidden_state_between_runs(name, rng):
     """A scheduler reused for a second run (no set_timesteps in between) gives the same result."""
+    seed, noise_seed = (int(value) for value in rng.integers(2**32, size=2))
     sched = schedulers.create(name, SD15)
-    first = sample(sched, 7, rng_noise=np.random.default_rng(1))
+    first = sample(sched, 7, seed=seed, rng_noise=np.random.default_rng(noise_seed))
     sched.set_timesteps(7)
-    x = np.random.default_rng(0).standard_normal(SHAPE) * sched.init_noise_sigma
-    rng = np.random.default_rng(1)
+    x = np.random.default_rng(seed).standard_normal(SHAPE) * sched.init_noise_sigma
+    noise_rng = np.random.default_rng(noise_seed)
     for i, t in enumerate(sched.timesteps):
-        noise = rng.standard_normal(SHAPE) if sched.noise_steps[i] else None
+        noise = noise_rng.standard_normal(SHAPE) if sched.noise_steps[i] else None
         x = sched.step(denoiser(sched.scale_model_input(x, i), t), i, x, noise=noise)
     np.testing.assert_array_equal(first, x)
 
@@ -267,15 +267,6 @@ def test_works_on_torch_tensors():
             x = sched.step(out, i, x, noise=noise)
         assert isinstance(x, torch.Tensor)
         np.testing.assert_allclose(x.numpy(), expected, rtol=1e-12, atol=1e-12)
-
-
-def test_runtime_never_imports_torch():
-    code = (
-        "import sys, numpy as np; from engine import schedulers; "
-        "s = schedulers.create('DPM++ 2M Karras'); s.set_timesteps(5); "
-        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_caller_buffers_may_be_reused():

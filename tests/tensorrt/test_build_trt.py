@@ -20,8 +20,8 @@ import pytest
 from engine.build_trt import (
     BuildSettings,
     ProfileKind,
+    Rebuild,
     ShapeProfile,
-    VaePrecision,
     make_profiles,
 )
 from engine.commands import build as build_command
@@ -241,7 +241,7 @@ def test_key_inputs_reach_the_digest() -> None:
     digests = [v.digest() for v in variants]
     assert base not in digests and len(set(digests)) == len(digests)
     # The profile settings that do not change any shape do not change the key.
-    same = plan_key(target, spec, sha, profiles, SD15, BuildSettings(force=True), "10.7.0", GPU)
+    same = plan_key(target, spec, sha, profiles, SD15, BuildSettings(rebuild=Rebuild.ALWAYS), "10.7.0", GPU)
     assert same.digest() == base
 
 
@@ -258,8 +258,8 @@ def cached_plan(tmp_path: Path) -> tuple[Path, PlanKey]:
 def test_valid_sidecar_reuses_the_plan(cached_plan: tuple[Path, PlanKey]) -> None:
     plan, key = cached_plan
     assert plan_problem(plan, key) is None
-    assert needs_build(plan, key, no_rebuild=True) is None
-    assert needs_build(plan, key, force=True) == "--force was given"
+    assert needs_build(plan, key, Rebuild.NEVER) is None
+    assert needs_build(plan, key, Rebuild.ALWAYS) == "--force was given"
     sidecar = read_sidecar(plan)
     assert sidecar["plan_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
     assert sorted(p.name for p in plan.parent.iterdir()) == ["unet-fp16.plan", "unet-fp16.plan.json"]
@@ -292,7 +292,7 @@ def test_damaged_cache_entries_are_rebuilt(cached_plan: tuple[Path, PlanKey], da
     reason = needs_build(plan, key)
     assert reason is not None and needle in reason
     with pytest.raises(BuildError, match="--no-rebuild") as info:
-        needs_build(plan, key, no_rebuild=True)
+        needs_build(plan, key, Rebuild.NEVER)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
@@ -347,7 +347,7 @@ def test_plan_targets_fp16_except_the_vae() -> None:
         ("vae_decoder-fp32", False),
         ("vae_encoder-fp32", False),
     ]
-    guarded = plan_targets(_manifest(Precision.FP16), BuildSettings(vae_precision=VaePrecision.FP16_GUARDED))
+    guarded = plan_targets(_manifest(Precision.FP16), BuildSettings(vae_precision=Precision.FP16))
     assert [(t.name, t.strongly_typed) for t in guarded] == [
         ("text_encoder-fp16", True),  # the ONNX is already fp16 inside: TensorRT keeps its types
         ("unet_cfg-fp16", True),  # the fused-guidance UNet replaces the plain one by default
@@ -358,12 +358,14 @@ def test_plan_targets_fp16_except_the_vae() -> None:
     ]
     with pytest.raises(EngineFolderError, match="vae_encoder"):
         plan_targets(_manifest(networks=(Network.UNET,)), BuildSettings(networks=(Network.VAE_ENCODER,)))
+    with pytest.raises(BuildError, match=r"the VAE builds in fp32, fp16 \(fp16 guarded by fp32\), not bf16"):
+        plan_targets(_manifest(), BuildSettings(vae_precision=Precision.BF16))
     both = plan_targets(_manifest(), BuildSettings(networks=(Network.UNET, Network.UNET_CFG)))
     assert [t.name for t in both] == ["unet-fp16", "unet_cfg-fp16"]
 
 
 def test_plan_index_skips_failed_plans_and_pairs_the_guarded_vae(tmp_path: Path) -> None:
-    targets = plan_targets(_manifest(), BuildSettings(vae_precision=VaePrecision.FP16_GUARDED))
+    targets = plan_targets(_manifest(), BuildSettings(vae_precision=Precision.FP16))
     passed = {t.name: True for t in targets} | {"text_encoder-fp16": False, "vae_encoder-fp16": False}
     index = plan_index(targets, passed)["networks"]
     assert "text_encoder" not in index
@@ -462,10 +464,49 @@ def test_build_command_options() -> None:
                   "--timing-cache", "t.cache")  # fmt: skip
     settings = build_command.settings_from_args(args)
     assert settings.refit and settings.workspace_bytes == 2 * GIB
-    assert settings.vae_precision is VaePrecision.FP16_GUARDED and settings.timing_cache == Path("t.cache")
+    assert settings.vae_precision is Precision.FP16 and settings.timing_cache == Path("t.cache")
+    assert settings.rebuild is Rebuild.AUTO
     (profile,) = settings.profiles
     assert profile.batch == (1, 1, 4) and profile.width == (512, 512, 768)
     assert args.run is build_command.cmd_build
+
+
+@pytest.mark.parametrize(
+    ("flags", "vae", "rebuild"),
+    [
+        ((), Precision.FP32, Rebuild.AUTO),
+        (("--vae", "fp16", "--force"), Precision.FP16, Rebuild.ALWAYS),
+        (("--no-rebuild",), Precision.FP32, Rebuild.NEVER),
+    ],
+)
+def test_vae_precision_and_rebuild_flags(flags: tuple[str, ...], vae: Precision, rebuild: Rebuild) -> None:
+    settings = build_command.settings_from_args(_parse("ENGINE", *flags))
+    assert (settings.vae_precision, settings.rebuild) == (vae, rebuild)
+
+
+def test_force_and_no_rebuild_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse("ENGINE", "--force", "--no-rebuild")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+class _Logger:
+    """What trt_logger keeps: the last errors and how many there were."""
+
+    def __init__(self, errors: list[str], count: int) -> None:
+        self.errors, self.count = errors, count
+
+
+def test_tensorrt_errors_since_a_call_are_quoted_on_one_line() -> None:
+    logger = _Logger(["old failure"], 1)
+    before = trt_env.error_count(logger)
+    assert trt_env.errors_since(logger, before) == ""  # nothing new: no stale error is quoted
+    logger.errors += ["IExecutionContext::setInputShape: Error Code 3: API Usage Error\n(dims out of range)"]
+    logger.count += 1
+    message = trt_env.errors_since(logger, before, RuntimeError("binding said no"))
+    error = "IExecutionContext::setInputShape: Error Code 3: API Usage Error (dims out of range)"
+    assert message == f": {error}; binding said no"
+    assert trt_env.errors_since(None, 0) == "" and trt_env.error_count(None) == 0
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed: the missing-dependency path cannot happen")

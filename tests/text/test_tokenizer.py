@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +16,15 @@ from engine.text.tokenizer import (
     EOS_TOKEN,
     SD2_PAD_TOKEN,
     ClipTokenizer,
+    bundled_bpe_path,
+    bundled_clip_tokenizer,
     write_tokenizer_folder,
 )
+from tests.conftest import PARTI_PROMPTS
 
 transformers = pytest.importorskip("transformers")
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-BPE_FILE = SHARED / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
-PARTI_FILE = SHARED / "data" / "partiprompts" / "PartiPrompts.tsv"
-MISSING_DATA = (
-    f"real CLIP vocabulary / PartiPrompts not found under {SHARED} (CI puts shared/ beside the clone)"
-)
+BPE_FILE = bundled_bpe_path()  # engine/text/data, shipped with the package
 
 EDGE_CASES = [
     "",
@@ -56,15 +52,13 @@ EDGE_CASES = [
 
 
 def parti_prompts() -> list[str]:
-    with PARTI_FILE.open(encoding="utf-8", newline="") as handle:
+    with PARTI_PROMPTS.open(encoding="utf-8", newline="") as handle:
         return [row["Prompt"] for row in csv.DictReader(handle, delimiter="\t")]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tokenizer folders in the layouts real SD models ship (SD 1.5, SD 2.1) and newer/older ones."""
-    if not (BPE_FILE.is_file() and PARTI_FILE.is_file()):
-        pytest.skip(MISSING_DATA)
     root = tmp_path_factory.mktemp("tokenizers")
     sd1 = write_tokenizer_folder(BPE_FILE, root / "sd1")
     sd2 = write_tokenizer_folder(BPE_FILE, root / "sd2", pad_token=SD2_PAD_TOKEN)
@@ -248,10 +242,31 @@ def test_missing_folder_raises(tmp_path: Path) -> None:
         ClipTokenizer.from_folder(tmp_path / "absent")
 
 
-def test_module_stays_torch_free() -> None:
-    code = (
-        "import sys, engine.text.tokenizer; "
-        "bad = {'torch', 'transformers', 'diffusers'} & set(sys.modules); "
-        "assert not bad, bad"
+@pytest.mark.parametrize(("variant", "pad_token"), [("sd1", EOS_TOKEN), ("sd2", SD2_PAD_TOKEN)])
+def test_bundled_tokenizer_equals_the_written_folder(
+    folders: dict[str, Path], variant: str, pad_token: str
+) -> None:
+    """Single-file checkpoints ship no tokenizer: the bundled vocabulary stands in, byte for byte."""
+    prompts = parti_prompts()[::5] + EDGE_CASES
+    bundled = bundled_clip_tokenizer(pad_token)
+    from_folder = ClipTokenizer.from_folder(folders[variant])
+    np.testing.assert_array_equal(bundled.encode(prompts), from_folder.encode(prompts))
+    assert [bundled.encode_unpadded(p) for p in EDGE_CASES] == [
+        from_folder.encode_unpadded(p) for p in EDGE_CASES
+    ]
+    assert (bundled.pad_id, bundled.max_length, bundled.vocab_size) == (
+        from_folder.pad_id,
+        from_folder.max_length,
+        from_folder.vocab_size,
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_bundled_vocabulary_ships_inside_the_package_with_its_licence() -> None:
+    import engine
+
+    package = Path(engine.__file__).resolve().parent
+    assert BPE_FILE.is_file() and BPE_FILE.is_relative_to(package)
+    assert (BPE_FILE.parent / "LICENSE").read_text(encoding="utf-8").startswith("Copyright (c)")
+    assert bundled_clip_tokenizer(max_length=16).encode(["a photo of a cat"]).shape == (1, 16)
+    with pytest.raises(ValueError, match="pad token '<pad>' is not in the vocabulary"):
+        bundled_clip_tokenizer("<pad>")
