@@ -52,10 +52,14 @@ def per_step_bytes(pipe: Pipeline, width: int, height: int, steps: int) -> list[
     return np.diff(marks).tolist()
 
 
+def square_or_wxh(text: str) -> tuple[int, int]:
+    return parse_size(text, square_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine_dir", type=Path)
-    parser.add_argument("--size", type=parse_size, default=(256, 256), metavar="WxH")
+    parser.add_argument("--size", type=square_or_wxh, default=(256, 256), metavar="N|WxH")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     width, height = args.size

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
-from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
+from engine.backends.options import CUDA, Device, Switch, parse_backend_options
 from engine.errors import BuildError, EngineError, EngineFolderError
 from engine.manifest import Manifest
 from engine.runtime import Graph
@@ -411,8 +411,6 @@ def open_engine(
 ) -> Callable[[Network], Graph]:
     """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
     opts = parse_backend_options(TrtOptions, options, "tensorrt")
-    if opts.device.kind is not DeviceKind.CUDA:
-        raise EngineError(f"the tensorrt backend runs on cuda, not {opts.device}")
     trt, cudart, gpu = check_environment(opts.device.index)
     root = Path(engine_dir)
     index = read_plan_index(root)

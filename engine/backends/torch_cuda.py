@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
-from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
-from engine.errors import EngineError, EngineFolderError, MissingDependencyError
+from engine.backends.options import CUDA, Device, Switch, parse_backend_options
+from engine.errors import EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import (
@@ -260,8 +260,6 @@ def open_engine(
 ) -> Callable[[Network], Graph]:
     """A loader of the manifest's source networks on the GPU (options: see :class:`TorchCudaOptions`)."""
     opts = parse_backend_options(TorchCudaOptions, options, "torch-cuda")
-    if opts.device.kind is not DeviceKind.CUDA:
-        raise EngineError(f"the torch-cuda backend runs on cuda, not {opts.device}")
     import_cuda_torch()
     from engine.models.torch_modules import load_source_from_manifest
 

@@ -24,7 +24,7 @@ import pytest
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers, shape_key
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest, read_manifest
-from engine.parity import psnr
+from engine.parity import psnr, rel_l2
 from engine.runtime import bound, open_backend
 from engine.specs import GraphSpec, ModelDims, Network, TensorSpec, graph_specs, unet_spec
 
@@ -521,10 +521,6 @@ def tiny_source(tiny_model: Path) -> Any:
     return load_source_model(inspect_model_folder(tiny_model))
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
-
-
 def _unet_feeds(
     rng: np.random.Generator, batch: int, height: int, width: int, hidden: int
 ) -> dict[str, np.ndarray]:
@@ -562,7 +558,7 @@ def test_torch_cuda_graph_replays_match_the_cpu(tiny_source: Any, precision: str
     for batch, height, width in [(2, 8, 8)] * 4 + [(2, 9, 7)] * 3:
         feeds = _unet_feeds(rng, batch, height, width, hidden)
         out = graph.run(feeds)["noise_pred"]
-        assert _rel(out, _cpu_unet(tiny_source, feeds)) < tolerance
+        assert rel_l2(_cpu_unet(tiny_source, feeds), out) < tolerance
     stats = graph.runner.stats
     assert (stats.captures, stats.replays, stats.dropped_graphs, stats.allocations) == (2, 5, 1, 2)
 
@@ -594,7 +590,7 @@ def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_engine: Path) -> N
             "encoder_hidden_states": context,
             "guidance_scale": np.array([7.5], np.float32),
         })["guided_noise"]  # fmt: skip
-        assert _rel(fused, expected) < 1e-3
+        assert rel_l2(expected, fused) < 1e-3
     assert fused_unet.runner.stats.replays == 2
     with pytest.raises(ValueError, match="2 x 1 embeddings"):
         fused_unet.run({

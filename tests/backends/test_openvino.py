@@ -12,7 +12,7 @@ import pytest
 from engine.backends.onnxruntime import OnnxRuntimeBackend
 from engine.errors import EngineError, EngineFolderError
 from engine.manifest import read_manifest
-from engine.parity import psnr
+from engine.parity import psnr, rel_l2
 from engine.pipeline import Pipeline
 from engine.runtime import open_backend
 from engine.specs import Network, axis_sizes, sample_inputs
@@ -30,10 +30,6 @@ SETTINGS = {
     "sampler": "DPM++ 2M Karras",
     "guidance_scale": 7.0,
 }
-
-
-def _rel(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +54,7 @@ def test_every_graph_matches_onnxruntime(tiny_engine: Path, precision: str, limi
             assert actual[name].dtype == np.float32 and actual[name].shape == expected[name].shape
             # guided noise amplifies the two halves' differences by up to the scale (1..12 here)
             bound = limit * (3 if network is Network.UNET_CFG and precision == "bf16" else 1)
-            assert _rel(actual[name], expected[name]) < bound, (network, name)
+            assert rel_l2(expected[name], actual[name]) < bound, (network, name)
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from engine.backends.onnxruntime import (
 from engine.backends.options import CPU, CUDA, Device, DeviceKind, Switch, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import read_manifest
+from engine.parity import rel_l2
 from engine.specs import GraphSpec, Network, TensorSpec, axis_sizes, sample_inputs
 
 HAVE_CUDA_EP = Provider.CUDA.value in ort.get_available_providers()
@@ -315,7 +316,7 @@ def test_tiny_unet_bound_matches_plain_cpu(tiny_engine: Path, options: OrtOption
         expected = plain.run(feeds)["noise_pred"]
         got = bound.run(feeds)["noise_pred"]
         assert got.shape == expected.shape
-        relative = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        relative = rel_l2(expected, got)
         assert relative < tolerance, f"batch {batch}: relative L2 {relative:.2e}"
         current = runner.current
         assert current is not None
