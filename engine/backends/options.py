@@ -125,15 +125,18 @@ def parse_backend_options(cls: type[OptionsT], options: Mapping[str, Any], backe
     ``cpu`` / ``cuda:N``; or a one-line EngineError listing the valid option names and enum values."""
     enums = enum_fields(cls)
     devices = device_fields(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(names))
     try:
+        if unknown:
+            raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
         fields = {name: _coerce(name, value, enums, devices) for name, value in options.items()}
         return cls(**fields)
     except (TypeError, ValueError) as error:
-        valid = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         choices = "".join(
             f"; {name}: {', '.join(str(e.value) for e in enum)}" for name, enum in enums.items()
         )
         shown = {k: str(v) if isinstance(v, Device) else v for k, v in options.items()}
         raise EngineError(
-            f"bad {backend} backend options {shown} ({error}); valid: {valid}{choices}"
+            f"bad {backend} backend options {shown} ({error}); valid: {', '.join(names)}{choices}"
         ) from None

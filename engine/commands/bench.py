@@ -189,7 +189,8 @@ def check_output_options(args: argparse.Namespace) -> None:
 
 
 def dry_run(args: argparse.Namespace) -> str:
-    """What a run would do: each contender and its backend options, or why it would be skipped.
+    """What a run would do: each contender and its backend options, or why it would be skipped (with
+    --skip-unavailable) or refused.
 
     Checks the contenders, workload and devices' rules, but not whether a GPU is present.
     """
@@ -206,7 +207,10 @@ def dry_run(args: argparse.Namespace) -> str:
         reason = unavailable(contender, device, args.engine)
         options = backend_options(contender, device) if contender.is_engine else {}
         fused = "" if contender.fused_cfg is None else f" fused_cfg={contender.fused_cfg}"
-        state = f"would skip: {reason}" if reason else f"options {options}{fused}"
+        if reason:
+            state = f"would skip: {reason}" if args.skip_unavailable else f"would refuse the run: {reason}"
+        else:
+            state = f"options {options}{fused}"
         lines.append(f"  [{number}] {contender.name} ({contender.label}): {state}")
     return "\n".join(lines)
 

@@ -22,8 +22,9 @@ def say(message: str) -> None:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """``WxH`` -> (width, height); argparse turns the error into its usage message."""
+    """``WxH`` or ``N`` (square) -> (width, height), as the bench reads sizes; argparse turns the error
+    into its usage message."""
     try:
-        return sizes.parse_size(text)
+        return sizes.parse_size(text, square_ok=True)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None

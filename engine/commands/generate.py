@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -148,6 +149,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output(args.output)
     request = build_request(args, is_default=args.engine_dir is None)
     engine_dir = resolve_engine(args.engine_dir)
+    if args.backend in (BackendName.TORCH.value, BackendName.TORCH_CUDA.value):
+        with contextlib.suppress(ImportError):  # the backend then says what is missing, in one line
+            quiet_libraries()  # it loads the source model through diffusers and transformers
     start = time.perf_counter()
     pipe = Pipeline.load(engine_dir, backend=args.backend, fused_cfg=args.fused_cfg, **backend_options(args))
     log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -338,6 +339,18 @@ def test_dry_run_lists_the_gpu_contenders(capsys: pytest.CaptureFixture[str]) ->
     assert "dry run: 512x512" in out
     assert "[2] torch-cuda:eager+unfused" in out and "'cuda_graph': False" in out
     assert "[4] tensorrt:graph+fused" in out
+
+
+def test_dry_run_says_refuse_or_skip_as_the_run_would(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without tensorrt installed, the run refuses the contender unless --skip-unavailable is given."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    argv = ("--dry-run", "--device", "cuda", "--contenders", "diffusers:fp16,tensorrt:graph+fused")
+    assert bench(*argv) == 0
+    out = capsys.readouterr().out
+    assert "[2] tensorrt:graph+fused (" in out and "would refuse the run: " in out
+    assert bench(*argv, "--skip-unavailable") == 0
+    assert "would skip: " in capsys.readouterr().out
 
 
 def test_gpu_script_dry_run_passes_without_a_gpu() -> None:

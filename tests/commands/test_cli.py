@@ -112,3 +112,11 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"sd-engine: error: model folder not found: {tmp_path / 'missing'}"
     ]
+
+
+def test_size_takes_wxh_or_one_side() -> None:
+    """The CLI reads sizes as the bench does: ``WxH`` or ``N`` for a square."""
+    from engine.commands.common import parse_size
+
+    assert parse_size("64") == (64, 64)
+    assert parse_size(" 96 x 64 ") == (96, 64)

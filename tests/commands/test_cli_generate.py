@@ -224,7 +224,7 @@ def test_bad_size_format_is_an_argparse_error(capsys, tiny_engine: Path, tmp_pat
         main(["generate", str(tiny_engine), "p", "--size", "64by64", "-o", str(tmp_path / "o.png")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --size: expected WxH such as 512x512, got '64by64'" in err.splitlines()[-1]
+    assert "argument --size: expected N or WxH such as 512 or 512x768, got '64by64'" in err.splitlines()[-1]
     assert not (tmp_path / "o.png").exists()
 
 
