@@ -17,16 +17,9 @@ import time
 import numpy as np
 
 from engine import schedulers
+from engine.models.presets import preset_spec
 
-SD15 = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = preset_spec("sd15").scheduler.config()  # SD 1.5's scheduler_config.json
 # label -> (diffusers class, kwargs); None where diffusers has no counterpart we can run here
 SAMPLERS = {
     "DDIM": ("DDIMScheduler", {}),

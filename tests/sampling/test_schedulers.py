@@ -12,18 +12,11 @@ import numpy as np
 import pytest
 
 from engine import schedulers
+from engine.models.presets import preset_spec
 from engine.sampling import schedules
 from engine.sampling.karras import lms_coefficient
 
-SD15 = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = preset_spec("sd15").scheduler.config()  # SD 1.5's scheduler_config.json
 REQUIRED = [
     "DDIM", "DDPM", "PNDM", "LMS", "LMS Karras", "Euler", "Euler Karras", "Euler a", "Heun", "DPM2", "DPM2 a",
     "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE", "DPM++ SDE Karras",
