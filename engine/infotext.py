@@ -67,10 +67,13 @@ def _fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Size": f"{params['width']}x{params['height']}",
         "Model hash": params.get("model_hash") or None,
         "Model": params.get("model_name") or None,
+        "VAE hash": params.get("vae_hash") or None,
+        "VAE": params.get("vae_name") or None,
         "Batch size": batch_size if batch_size > 1 else None,
         "Batch pos": int(params.get("batch_pos") or 0) if batch_size > 1 else None,
         "Denoising strength": params.get("strength"),
         "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Prediction type": "v_prediction" if params.get("prediction_type") == "v_prediction" else None,
     }
 
 
@@ -79,8 +82,9 @@ def format_infotext(params: Mapping[str, Any]) -> str:
 
     ``params`` has the keys of ``GenerationResult.parameters``: prompt, negative_prompt, steps,
     sampler, guidance_scale, seed (this image's), width, height, and optionally model_hash,
-    model_name, batch_size, batch_pos (0-based, as A1111), strength (img2img only, else None) and
-    clip_skip (written only above 1).
+    model_name, vae_hash and vae_name (a swapped VAE), batch_size, batch_pos (0-based, as A1111),
+    strength (img2img only, else None), clip_skip (written only above 1) and prediction_type
+    (written only for "v_prediction": A1111 assumes epsilon where it is absent).
     """
     pairs = ", ".join(f"{key}: {quote(value)}" for key, value in _fields(params).items() if value is not None)
     negative = params.get("negative_prompt") or ""
@@ -129,10 +133,13 @@ def to_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
         "seed": int(fields["Seed"]),
         "model_hash": fields.get("Model hash"),
         "model_name": fields.get("Model"),
+        "vae_hash": fields.get("VAE hash"),
+        "vae_name": fields.get("VAE"),
         "batch_size": int(fields.get("Batch size", 1)),
         "batch_pos": int(fields.get("Batch pos", 0)),
         "strength": float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
         "clip_skip": int(fields.get("Clip skip", 1)),
+        "prediction_type": fields.get("Prediction type", "epsilon"),
     }
     size = _SIZE.match(fields.get("Size", ""))
     if size is None:

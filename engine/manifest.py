@@ -111,6 +111,7 @@ class Manifest:
             "text_hidden_size": self.dims.text_hidden_size,
             "text_max_length": self.dims.text_max_length,
             "vae_scale_factor": self.dims.vae_scale_factor,
+            "text_num_layers": self.dims.text_num_layers,
             "scaling_factor": self.scaling_factor,
             "scheduler_config": dict(self.scheduler_config),
             "tokenizer_dir": self.tokenizer_dir,
@@ -125,6 +126,7 @@ class Manifest:
             text_hidden_size=int(data["text_hidden_size"]),
             text_max_length=int(data["text_max_length"]),
             vae_scale_factor=int(data["vae_scale_factor"]),
+            text_num_layers=int(data.get("text_num_layers", ModelDims.text_num_layers)),
         )
         return Manifest(
             model_family=str(data["model_family"]),

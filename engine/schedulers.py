@@ -20,6 +20,13 @@ generator in the same order reproduces diffusers' image. Without ``noise`` they 
 ``rng`` given to :func:`create`. DPM++ SDE gets fresh normals at both of its evaluations and
 builds the Brownian-tree correlation itself (see ``sampling.karras.build_dpmpp_sde``).
 
+Step counts: every sampler runs 1..num_train_timesteps steps on the configs SD models ship, also
+where diffusers fails (steps_offset pushing the leading ladder to timestep 1000, trailing spacing
+making a timestep -1, repeated multistep timesteps at 1000 steps: see ``sampling.schedules``);
+``set_timesteps`` refuses the rest before building anything, with a one-line RequestError naming
+the counts that run (``sampling.steps``; ``Scheduler.allowed_steps``). ``rescale_betas_zero_snr``
+applies to every sampler, also those whose diffusers class ignores it.
+
 Any array type with ``*`` and ``+`` works (and ``clip`` for ``clip_sample`` configs): tables hold
 float64 and enter the arithmetic as Python floats, so a float32 sample stays float32.
 """
@@ -31,9 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import RequestError
 from .sampling.config import SchedulerConfig, resolve_config
 from .sampling.plan import History, Plan, Source, combine
 from .sampling.registry import SAMPLERS, Sampler, lookup, resolve
+from .sampling.steps import allowed_steps, check_steps
 
 __all__ = ["Scheduler", "SchedulerConfig", "create", "names", "resolve"]
 
@@ -91,22 +100,35 @@ class Scheduler:
         return self.sampler.order
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
-        """Build the run's tables; with strength < 1, keep the tail diffusers' img2img pipeline runs."""
+        """Build the run's tables; with strength < 1, keep the tail diffusers' img2img pipeline runs.
+
+        Raises a one-line RequestError (a ValueError) before building anything for a count outside
+        1..num_train_timesteps, a strength outside (0, 1] or one that keeps no step, and a count this
+        sampler cannot run on this config, naming the counts it can (see ``sampling.steps``).
+        """
         steps = num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+            raise RequestError(f"{self.name}: num_inference_steps must be an integer >= 1, got {steps!r}")
         if steps > self.config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps {steps} exceeds num_train_timesteps {self.config.num_train_timesteps}"
+            raise RequestError(
+                f"{self.name}: num_inference_steps {steps} exceeds num_train_timesteps "
+                f"{self.config.num_train_timesteps}"
             )
         if not isinstance(strength, int | float) or not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+            raise RequestError(f"{self.name}: strength must be in (0, 1], got {strength!r}")
         kept = min(int(steps * strength), steps)
         if kept < 1:
-            raise ValueError(f"strength {strength} leaves no steps of {steps}: raise strength or steps")
+            raise RequestError(
+                f"{self.name}: strength {strength} leaves no steps of {steps}: raise strength or steps"
+            )
+        check_steps(self.sampler, self.config, int(steps))
         self._plan = self.sampler.build(self.config, int(steps), (steps - kept) * self.order)
         self._history = History(self._plan.keep)
         self.num_inference_steps = int(steps)
+
+    def allowed_steps(self) -> tuple[int, ...]:
+        """Every step count in 1..num_train_timesteps that ``set_timesteps`` accepts here."""
+        return allowed_steps(self.sampler, self.config)
 
     @property
     def plan(self) -> Plan:

@@ -118,6 +118,7 @@ class ModelDims:
     text_hidden_size: int = 768
     text_max_length: int = 77
     vae_scale_factor: int = 8
+    text_num_layers: int = 12  # CLIP ViT-L: 12; SD 2's OpenCLIP ViT-H as diffusers keeps it: 23
 
 
 def text_encoder_spec(dims: ModelDims) -> GraphSpec:
@@ -127,8 +128,9 @@ def text_encoder_spec(dims: ModelDims) -> GraphSpec:
         inputs=(TensorSpec("input_ids", (BATCH, dims.text_max_length), "int64"),),
         outputs=(
             TensorSpec("last_hidden_state", hidden, "float32"),
-            # Penultimate layer after the final layer norm: A1111's "clip skip 2".
-            TensorSpec("penultimate_hidden_state", hidden, "float32"),
+            # Every layer's output after the final layer norm, first layer first: A1111's "clip skip
+            # n" is [:, num_layers - n] (n = 1 is last_hidden_state).
+            TensorSpec("normed_hidden_states", (BATCH, dims.text_num_layers, *hidden[1:]), "float32"),
         ),
     )
 

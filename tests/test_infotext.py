@@ -24,10 +24,13 @@ def _params(**overrides: Any) -> dict[str, Any]:
         "height": 512,
         "model_hash": "abcdef1234",
         "model_name": "sd15",
+        "vae_hash": None,
+        "vae_name": None,
         "batch_size": 1,
         "batch_pos": 0,
         "strength": None,
         "clip_skip": 1,
+        "prediction_type": "epsilon",
     }
     params.update(overrides)
     return params
@@ -66,6 +69,16 @@ def test_no_negative_line_when_empty_and_optional_fields_in_a1111_order() -> Non
         "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 43, Size: 640x448, "
         'Model hash: abcdef1234, Model: "my, model", Batch size: 2, Batch pos: 1, '
         "Denoising strength: 0.75, Clip skip: 2"
+    )
+
+
+def test_swapped_vae_and_v_prediction_follow_model_as_a1111_writes_them() -> None:
+    params = _params(
+        vae_hash="735e4c3a44", vae_name="vae-ft-mse-840000-ema-pruned", prediction_type="v_prediction"
+    )
+    assert format_infotext(params).endswith(
+        "Model hash: abcdef1234, Model: sd15, VAE hash: 735e4c3a44, VAE: vae-ft-mse-840000-ema-pruned, "
+        "Prediction type: v_prediction"
     )
 
 
@@ -125,6 +138,12 @@ def test_last_line_with_fewer_than_three_pairs_is_prompt() -> None:
         {"prompt": "line one\nline two, with: colon", "negative_prompt": "bad\nworse"},
         {"prompt": "夜の灯台、波 🌊", "negative_prompt": "ぼやけ", "model_name": "modèle: «α»"},
         {"model_hash": None, "model_name": None},
+        {
+            "vae_hash": "0123456789",
+            "vae_name": "vae-ft-mse-840000-ema-pruned",
+            "prediction_type": "v_prediction",
+        },
+        {"clip_skip": 12},
     ],
 )
 def test_round_trip(overrides: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from engine.runtime import nonfinite_names
 from engine.specs import GraphSpec
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ class GuardedGraph:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.primary.run(feeds)
-        bad = [name for name, value in outputs.items() if not np.all(np.isfinite(value))]
+        bad = nonfinite_names(outputs)
         if not bad:
             return outputs
         self.fallbacks += 1

@@ -28,7 +28,7 @@ import numpy as np
 from engine.backends.options import CPU, Device, DeviceKind, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
-from engine.runtime import Graph
+from engine.runtime import OVERFLOW_HINT, Graph, nonfinite_names
 from engine.specs import GraphSpec, Network, Precision, check_inputs
 
 OPENVINO_HINT = 'pip install "sd-engine[openvino]"'
@@ -106,13 +106,19 @@ class OvGraph:
             {name: np.ascontiguousarray(feeds[name]) for name in self.spec.input_names}
         )
         outputs = {name: np.array(results[port], copy=True) for name, port in self._outputs.items()}
-        bad = [name for name, value in outputs.items() if not np.isfinite(value).all()]
+        bad = nonfinite_names(outputs)  # here for OpenVINO's own hint; the pipeline checks every backend
         if bad:
             raise EngineError(
                 f"{self.spec.network.value}: OpenVINO ({self.providers[0]}) returned non-finite values in "
-                f"{bad}; run this model with precision=fp32 or the onnxruntime backend"
+                f"{bad}; {self._hint}"
             )
         return outputs
+
+    @property
+    def _hint(self) -> str:
+        if self.providers[0].endswith(Precision.FP32.value):
+            return OVERFLOW_HINT
+        return "run this model with precision=fp32 or the onnxruntime backend (bf16 overflows sooner)"
 
 
 def check_interface(compiled: Any, spec: GraphSpec, path: Path) -> None:

@@ -14,6 +14,7 @@ from engine.logs import quiet_libraries
 
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import ExportSettings, export_model
+    from engine.models.source import SourceOptions
     from engine.specs import Network, Precision
 
     quiet_libraries()
@@ -24,7 +25,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     start = time.perf_counter()
-    result = export_model(args.model_dir, args.engine_dir, settings, progress=say)
+    options = SourceOptions(
+        vae=args.vae, ema=args.ema, prediction_type=args.prediction_type, config_dir=args.config
+    )
+    result = export_model(args.model, args.engine_dir, settings, progress=say, options=options)
     elapsed = time.perf_counter() - start
     say(f"exported {len(result.manifest.graphs)} graphs to {result.engine_dir} in {elapsed:.1f} s")
     for network, entry in result.manifest.graphs.items():
@@ -43,10 +47,19 @@ def parity_line(parity: Mapping[str, Any]) -> str:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
+    from engine.models.source import PREDICTION_TYPES
     from engine.specs import Network
 
-    cmd = commands.add_parser("export", help="diffusers folder -> parity-gated ONNX engine folder")
-    cmd.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    cmd = commands.add_parser(
+        "export", help="diffusers folder or single-file checkpoint -> parity-gated ONNX engine folder"
+    )
+    cmd.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a diffusers folder, or an A1111/ComfyUI single-file checkpoint (.safetensors; .ckpt read "
+        "without running code) of SD 1.x / 2.x",
+    )
     cmd.add_argument("engine_dir", type=Path, metavar="ENGINE_DIR")
     cmd.add_argument(
         "--fp16", action="store_true", help="fp16 text encoder and UNet (for GPUs); VAE stays fp32"
@@ -55,4 +68,26 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--networks", nargs="+", choices=[n.value for n in Network], help="export only these (default: all)"
     )
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing ENGINE_DIR")
+    cmd.add_argument(
+        "--vae",
+        type=Path,
+        metavar="PATH",
+        help="use this VAE: a diffusers AutoencoderKL folder or a VAE file",
+    )
+    cmd.add_argument(
+        "--ema", action="store_true", help="single file: use its EMA UNet weights (model_ema.*) instead"
+    )
+    cmd.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="override what the model says (single files: else a v_pred marker key, the .yaml beside the "
+        "file, or a probe for SD 2)",
+    )
+    cmd.add_argument(
+        "--config",
+        type=Path,
+        metavar="DIR",
+        help="single file: a diffusers folder whose configs and tokenizer give the architecture "
+        "(default: the SD 1.5 / SD 2.1 configs)",
+    )
     cmd.set_defaults(run=cmd_export)

@@ -70,15 +70,11 @@ class ProgressBar:
 
 
 def open_init_image(path: Path) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
+    """--init-image as a viewer shows it (EXIF orientation, transparency over white); anything unreadable
+    (missing, a folder, empty, not an image, truncated, over MAX_IMAGE_PIXELS) is a one-line RequestError."""
+    from engine.pipeline.images import load_image
 
-    if not path.is_file():
-        raise EngineError(f"init image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise EngineError(f"cannot read init image {path}: {error}") from None
+    return load_image(path, label="init image")
 
 
 def check_output(output: Path) -> None:
@@ -202,7 +198,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     cmd.add_argument("--init-image", type=Path, metavar="IMG", help="img2img: start from this image")
     cmd.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength (default 0.8)")
-    cmd.add_argument("--clip-skip", type=int, default=1, help="1 or 2 (default 1)")
+    cmd.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip 1..12 (default 1)")
     cmd.add_argument(
         "--backend", choices=BACKENDS, default=BackendName.ONNXRUNTIME.value, help="(default onnxruntime)"
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelFolderError
+from engine.errors import EngineError, ModelFolderError
 
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
@@ -32,7 +32,8 @@ WEIGHT_STEMS = {
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
 }
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what older folders (SD 1.5, SD 2.1) ship
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,41 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         if not (root / component).is_dir():
             raise ModelFolderError(f"model folder {root} is missing the {component}/ subfolder")
     configs = {name: read_json(root / name / file, f"{name} config") for name, file in CONFIG_NAMES.items()}
-    for file in TOKENIZER_FILES:
-        if not (root / "tokenizer" / file).is_file():
-            raise ModelFolderError(f"tokenizer: missing {root / 'tokenizer' / file}")
+    check_tokenizer(root / "tokenizer", configs["text_encoder"])
     weights = {name: find_weights(root / name, WEIGHT_STEMS[name]) for name in NETWORK_COMPONENTS}
     for file in weights.values():
         if file.safetensors:
             check_safetensors(file.path)
     return ModelFolder(root, pipeline_class, weights, configs)
+
+
+def check_tokenizer(folder: Path, text_encoder_config: dict[str, Any]) -> None:
+    """The tokenizer folder loads as the runtime will load it, and its ids fit the text encoder.
+
+    Either layout: tokenizer.json (transformers 5) or vocab.json + merges.txt (older folders); see
+    :meth:`engine.text.tokenizer.ClipTokenizer.from_folder`, whose one-line errors are re-raised as
+    ModelFolderError. Token ids at or beyond the text encoder's ``vocab_size`` (config.json) would
+    index past its embedding table: refused here, not at generation.
+    """
+    from engine.text.tokenizer import ClipTokenizer
+
+    if not (folder / TOKENIZER_JSON).is_file():
+        missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ModelFolderError(
+                f"tokenizer: {folder} has neither {TOKENIZER_JSON} nor {' + '.join(TOKENIZER_FILES)} "
+                f"(missing {', '.join(missing)})"
+            )
+    try:
+        tokenizer = ClipTokenizer.from_folder(folder)
+    except EngineError as error:
+        raise ModelFolderError(f"tokenizer: {error}") from None
+    embeddings = text_encoder_config.get("vocab_size")
+    if isinstance(embeddings, int) and tokenizer.vocab_size > embeddings:
+        raise ModelFolderError(
+            f"tokenizer: {folder} has {tokenizer.vocab_size} token ids, but the text encoder embeds "
+            f"only {embeddings} (vocab_size in text_encoder/config.json)"
+        )
 
 
 def find_weights(folder: Path, stems: tuple[str, ...]) -> WeightsFile:

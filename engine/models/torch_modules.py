@@ -6,20 +6,26 @@ Export traces them to ONNX and the torch backend runs them, so both speak the in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from engine.errors import EngineFolderError, ModelFolderError
+from engine.errors import ModelFolderError
 from engine.manifest import Manifest
-from engine.models.folder import ModelFolder, inspect_model_folder, tensor_shapes
+from engine.models.checkpoint.tensors import one_line
+from engine.models.folder import ModelFolder, tensor_shapes
 from engine.specs import Network
+
+T = TypeVar("T")
 
 
 class TextEncoderWrapper(nn.Module):
-    """CLIP text encoder: token ids to the last and the (normed) penultimate hidden states."""
+    """CLIP text encoder: token ids to the last hidden state and every layer's output after the final
+    layer norm, stacked (B, num_layers, S, H): A1111's clip skip n takes layer num_layers - n."""
 
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
@@ -29,8 +35,8 @@ class TextEncoderWrapper(nn.Module):
         out = self.text_encoder(input_ids, output_hidden_states=True)
         # transformers 5 dropped the .text_model level that transformers 4 had.
         final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        penultimate = final_layer_norm(out.hidden_states[-2])
-        return out.last_hidden_state, penultimate
+        normed = torch.stack([final_layer_norm(h) for h in out.hidden_states[1:]], dim=1)
+        return out.last_hidden_state, normed
 
 
 class UNetWrapper(nn.Module):
@@ -152,20 +158,61 @@ def _component_classes() -> dict[str, type]:
     return {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
 
 
-def check_weight_shapes(folder: ModelFolder, component: str, cls: type) -> None:
-    """Compare the config's parameter shapes with the safetensors header; raise on the first mismatch."""
+def meta_module(component: str, config: Mapping[str, Any]) -> nn.Module:
+    """The network ("unet", "vae", "text_encoder") that ``config`` (a diffusers config dict, or a
+    CLIPTextConfig dict for the text encoder) describes, built on the meta device: shapes and
+    ``.config`` without memory, well under a second. One-line ModelFolderError
+    "<component> config is not valid: ..." when diffusers / transformers reject the config."""
+    cls = _component_classes()[component]
+    try:
+        with torch.device("meta"):
+            if component == "text_encoder":
+                from transformers import CLIPTextConfig
+
+                return cls(CLIPTextConfig(**config))
+            return cls.from_config(dict(config))
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ModelFolderError(f"{component} config is not valid: {one_line(error)}") from None
+
+
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def canonical_text_encoder_keys(tensors: Mapping[str, T], source: str) -> dict[str, T]:
+    """The same entries keyed without the ``text_model.`` prefix, whichever way they were saved.
+
+    transformers 4's CLIPTextModel nests its modules under ``text_model`` and saves that prefix;
+    transformers 5's has no such level and saves without it. transformers 5's from_pretrained loads
+    both (its CLIPTextModel conversion mapping drops the prefix: PrefixChange in
+    conversion_mapping.py), so names are compared in this form. ``source`` names the file or module
+    in the ModelFolderError raised when one name is stored both with and without the prefix.
+    """
+    result: dict[str, T] = {}
+    for name, value in tensors.items():
+        key = name.removeprefix(TEXT_MODEL_PREFIX)
+        if key in result:
+            raise ModelFolderError(
+                f"text_encoder: {source} holds '{key}' both with and without the '{TEXT_MODEL_PREFIX}' prefix"
+            )
+        result[key] = value
+    return result
+
+
+def check_weight_shapes(folder: ModelFolder, component: str) -> None:
+    """Compare the config's parameter shapes with the safetensors header; raise on the first mismatch.
+
+    Text-encoder names are compared without the ``text_model.`` prefix (see
+    :func:`canonical_text_encoder_keys`), so transformers 4 and transformers 5 files both pass.
+    """
     weights = folder.weights[component]
     if not weights.safetensors:
         return
-    with torch.device("meta"):
-        if component == "text_encoder":
-            from transformers import CLIPTextConfig
-
-            model = cls(CLIPTextConfig(**folder.configs[component]))
-        else:
-            model = cls.from_config(folder.configs[component])
+    model = meta_module(component, folder.configs[component])
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = tensor_shapes(weights.path)
+    if component == "text_encoder":
+        expected = canonical_text_encoder_keys(expected, type(model).__name__)
+        found = canonical_text_encoder_keys(found, weights.path.name)
     for name, shape in expected.items():
         if name in found and found[name] != shape:
             raise ModelFolderError(
@@ -197,24 +244,69 @@ def load_component(folder: ModelFolder, component: str) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_source_model(folder: ModelFolder) -> SourceModel:
-    """Load the three networks in float32 (fp16 variant files are upcast), shapes checked first."""
-    for component, cls in _component_classes().items():
-        check_weight_shapes(folder, component, cls)
+def check_folder_weights(folder: ModelFolder, vae: Path | None = None) -> None:
+    """Every network's safetensors header against its config (meta-device models, no weights read);
+    the folder's VAE is skipped when ``vae`` replaces it. ModelFolderError on the first mismatch."""
+    for component in _component_classes():
+        if component != "vae" or vae is None:
+            check_weight_shapes(folder, component)
+
+
+def load_source_model(folder: ModelFolder, vae: Path | None = None) -> SourceModel:
+    """Load the three networks in float32 (fp16 variant files are upcast), shapes checked first;
+    ``vae``: a diffusers AutoencoderKL folder or single-file VAE to use instead of the folder's."""
+    check_folder_weights(folder, vae)
     return SourceModel(
         text_encoder=load_component(folder, "text_encoder"),
         unet=load_component(folder, "unet"),
-        vae=load_component(folder, "vae"),
+        vae=load_component(folder, "vae") if vae is None else load_vae(vae, folder.configs["vae"]),
     )
 
 
+def load_vae(path: Path, config: Mapping[str, Any]) -> nn.Module:
+    """An AutoencoderKL (float32, eval) from a VAE folder or file (see checkpoint.vae.read_vae)."""
+    from engine.models.checkpoint.vae import read_vae
+
+    weights = read_vae(path, config=config)
+    return build_module("vae", weights.config, weights.state_dict)
+
+
+def build_module(
+    component: str, config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """A diffusers/transformers network ("unet", "vae", "text_encoder") from its config and a state
+    dict in its own names: built on the meta device, then each tensor assigned as float32, so peak
+    memory stays near one float32 copy of the network. Missing or unexpected keys raise
+    ModelFolderError listing the first few; so does an invalid config (:func:`meta_module`)."""
+    model = meta_module(component, config)
+    tensors = {name: value.to(torch.float32) for name, value in state_dict.items()}
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [name for name in result.missing_keys if not name.endswith("position_ids")]
+    for kind, names in (("lacks", missing), ("has unexpected", result.unexpected_keys)):
+        if names:
+            raise ModelFolderError(f"{component}: the weights {kind} {len(names)} tensors, e.g. {names[:3]}")
+    return _materialize(model).eval().requires_grad_(False)
+
+
+def _materialize(model: nn.Module) -> nn.Module:
+    """Non-persistent buffers (not in state dicts, so still on the meta device) made real: CLIP's
+    ``position_ids`` (0..max_positions-1); any other one is a bug here, raised as such."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if name != "position_ids":
+                raise RuntimeError(f"{type(module).__name__}.{name}: no value for a non-persistent buffer")
+            positions = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape)
+            module.register_buffer(name, positions.clone(), persistent=False)
+    return model
+
+
 def load_source_from_manifest(manifest: Manifest) -> SourceModel:
-    """The diffusers folder an engine was exported from (``manifest.source["model_dir"]``), loaded as
-    :func:`load_source_model` does; what the torch backends run. One-line EngineFolderError when the
-    manifest names no folder or the folder is gone, ModelFolderError when it no longer loads."""
-    model_dir = manifest.source.get("model_dir")
-    if not model_dir or not Path(model_dir).is_dir():
-        raise EngineFolderError(
-            f"the torch backends need the source model folder {model_dir!r} named in the manifest: not found"
-        )
-    return load_source_model(inspect_model_folder(model_dir))
+    """The model an engine was exported from (a diffusers folder or a single-file checkpoint, with the
+    same options), loaded as export loaded it; what the torch backends run. One-line
+    EngineFolderError when the manifest names no model or it is gone, ModelFolderError when it no
+    longer loads."""
+    from engine.models.source import source_from_manifest
+
+    return source_from_manifest(manifest).load()

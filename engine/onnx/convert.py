@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from engine.errors import EngineError, ParityError
 from engine.fsutil import staged_folder
 from engine.hashing import graph_content_hash
 from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_manifest
-from engine.models.folder import ModelFolder, inspect_model_folder
+from engine.models.source import ModelSource, SourceOptions, open_model_source
 from engine.onnx.attention_fusion import write_fused
 from engine.onnx.cfg_graph import derive_cfg_graph
 from engine.parity import compare, summarize_parity
@@ -95,42 +94,60 @@ class ExportResult:
     seconds: Mapping[str, float] = field(default_factory=dict)
 
 
-def model_dims(folder: ModelFolder) -> ModelDims:
-    unet, vae, text = folder.configs["unet"], folder.configs["vae"], folder.configs["text_encoder"]
+def model_dims(source: ModelSource) -> ModelDims:
+    unet, vae, text = source.configs["unet"], source.configs["vae"], source.configs["text_encoder"]
     return ModelDims(
         latent_channels=int(unet.get("in_channels", 4)),
         text_hidden_size=int(text["hidden_size"]),
         text_max_length=int(text.get("max_position_embeddings", 77)),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        text_num_layers=int(text["num_hidden_layers"]),
     )
 
 
 def export_model(
-    model_dir: str | Path,
+    model: str | Path,
     engine_dir: str | Path,
     settings: ExportSettings = ExportSettings(),
     progress: Callable[[str], None] = log.info,
+    options: SourceOptions | None = None,
 ) -> ExportResult:
-    """Validate, convert every network, gate each on parity, then move the folder into place."""
-    folder = inspect_model_folder(model_dir)
+    """Validate, convert every network, gate each on parity, then move the folder into place.
+
+    model: a diffusers folder or a single-file checkpoint (see :mod:`engine.models.source`); options:
+    its VAE swap, EMA weights, prediction type, architecture config.
+    """
+    source = open_model_source(model, options or SourceOptions())
     target = Path(engine_dir).absolute()
     with staged_folder(target, settings.overwrite) as tmp:
-        manifest, seconds = _export_into(folder, tmp, settings, progress)
+        report_source(source, progress)
+        manifest, seconds = _export_into(source, tmp, settings, progress)
     return ExportResult(target, manifest, seconds)
 
 
-def _export_into(
-    folder: ModelFolder, out: Path, settings: ExportSettings, progress: Callable[[str], None]
-) -> tuple[Manifest, dict[str, float]]:
-    from engine.models.torch_modules import load_source_model
+def report_source(source: ModelSource, progress: Callable[[str], None]) -> None:
+    """Warn once per scheduler migration; say what was read and decided (family, prediction type
+    and how it was chosen, A1111 hash)."""
+    for line in source.migrations:
+        log.warning("%s", line)
+    for note in source.notes:
+        progress(note)
+    progress(
+        f"{source.kind.value} {source.identity.name}: {source.family}, {source.prediction_type} "
+        f"({source.prediction_source}), hash {source.identity.short}"
+    )
 
+
+def _export_into(
+    model: ModelSource, out: Path, settings: ExportSettings, progress: Callable[[str], None]
+) -> tuple[Manifest, dict[str, float]]:
     start = time.perf_counter()
-    source = load_source_model(folder)
+    source = model.load()
     seconds = {"load": time.perf_counter() - start}
-    dims = model_dims(folder)
+    dims = model_dims(model)
     specs = graph_specs(dims)
-    shutil.copytree(folder.root / "tokenizer", out / TOKENIZER_DIR)
-    vocab_size = int(folder.configs["text_encoder"].get("vocab_size", 49408))
+    model.write_tokenizer(out / TOKENIZER_DIR)
+    vocab_size = int(model.configs["text_encoder"].get("vocab_size", 49408))
     graphs: dict[Network, GraphEntry] = {}
     for network in settings.networks:
         progress(f"exporting {network.value}")
@@ -149,26 +166,20 @@ def _export_into(
         seconds[network.value] = time.perf_counter() - start
         parity = graphs[network].parity
         progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
-    manifest = build_manifest(folder, dims, graphs)
+    manifest = build_manifest(model, dims, graphs)
     write_manifest(out, manifest)
     return manifest, seconds
 
 
-def build_manifest(folder: ModelFolder, dims: ModelDims, graphs: dict[Network, GraphEntry]) -> Manifest:
-    scheduler = dict(folder.configs["scheduler"])
+def build_manifest(model: ModelSource, dims: ModelDims, graphs: dict[Network, GraphEntry]) -> Manifest:
     return Manifest(
-        model_family=folder.family,
-        prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+        model_family=model.family,
+        prediction_type=model.prediction_type,
         dims=dims,
-        scaling_factor=float(folder.configs["vae"].get("scaling_factor", 0.18215)),
-        scheduler_config=scheduler,
+        scaling_factor=float(model.configs["vae"].get("scaling_factor", 0.18215)),
+        scheduler_config=dict(model.configs["scheduler"]),
         graphs=graphs,
-        source={
-            "model_dir": str(folder.root.absolute()),
-            "pipeline_class": folder.pipeline_class,
-            "variant": folder.variant,
-            "weights": {name: str(w.path.absolute()) for name, w in folder.weights.items()},
-        },
+        source=model.manifest_source(),
     )
 
 

@@ -7,8 +7,9 @@ the same whatever runs the networks.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,18 @@ import numpy as np
 
 from engine import schedulers
 from engine.backends.options import Switch
-from engine.errors import Cancelled, EngineError
+from engine.errors import Cancelled, EngineError, RequestError
 from engine.manifest import Manifest, read_manifest
 from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
 from engine.pipeline.images import image_to_array, to_pil
 from engine.pipeline.request import GenerationRequest, StepCallback, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
-from engine.runtime import BackendName, Graph, GraphLoader, bound, open_backend
-from engine.specs import Network
-from engine.text.conditioning import EmbeddingCache
+from engine.runtime import BackendName, Graph, GraphLoader, bound, check_finite, finite_outputs, open_backend
+from engine.specs import GraphSpec, Network
+from engine.text.conditioning import EmbeddingCache, truncation_warning
 from engine.text.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
 
@@ -89,9 +92,12 @@ class Pipeline:
         return self._graphs[network]
 
     @property
-    def model_hash(self) -> str:
-        """A1111-style short hash: the first 10 hex digits of the UNet graph's sha256."""
-        return self.manifest.graphs[Network.UNET].sha256[:10]
+    def model_hash(self) -> str | None:
+        """A1111's short ``Model hash`` of the exported model: the first 10 hex digits of the
+        checkpoint file's sha256 (for a diffusers folder, of its stable folder hash; see
+        :func:`engine.models.source.folder_hash`). None for engine folders exported before it was
+        recorded (an ONNX graph's hash would match nothing A1111 tools know)."""
+        return self.manifest.source.get("short_hash")
 
     def generate(
         self,
@@ -118,6 +124,7 @@ class Pipeline:
         dims = self.manifest.dims
         request.check_model(dims.vae_scale_factor, dims.latent_channels, sched.config.num_train_timesteps)
         sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
+        self.warn_truncated(request)
         generators = seeded_generators(request.seed, request.num_images)
         context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
         latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
@@ -139,11 +146,25 @@ class Pipeline:
     def encode_text(self, texts: Sequence[str], clip_skip: int) -> np.ndarray:
         """Embeddings (N, 77, D) for texts: each distinct text encoded once, the LRU used across requests."""
 
+        graph = self.graph(Network.TEXT_ENCODER)
+        check_clip_skip(graph.spec, clip_skip)
+
         def encode(missing: list[str]) -> np.ndarray:
-            out = self.graph(Network.TEXT_ENCODER).run({"input_ids": self.tokenizer.encode(missing)})
-            return out["penultimate_hidden_state" if clip_skip == 2 else "last_hidden_state"]
+            outputs = finite_outputs(graph, graph.run({"input_ids": self.tokenizer.encode(missing)}))
+            return clip_skip_layer(outputs, clip_skip)
 
         return self.embeddings.embed(texts, clip_skip, encode)
+
+    def warn_truncated(self, request: GenerationRequest) -> None:
+        """Log a warning for each distinct prompt or negative prompt CLIP will cut (see
+        :func:`engine.text.conditioning.truncation_warning`)."""
+        texts = {text: "prompt" for text in request.prompts}
+        texts.update({text: "negative prompt" for text in request.negative_prompts if text not in texts})
+        for text, what in texts.items():
+            tokens = len(self.tokenizer.encode_unpadded(text))
+            line = truncation_warning(tokens, self.tokenizer.max_length, what)
+            if line:
+                log.warning("%s", line)
 
     def encode_prompts(self, request: GenerationRequest) -> np.ndarray:
         """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
@@ -171,7 +192,7 @@ class Pipeline:
         """img2img: a posterior sample per image (one draw from each generator), scaled."""
         pixels = image_to_array(request.image, request.width, request.height)
         encoder = self.graph(Network.VAE_ENCODER)
-        posterior = encoder.run({"image": pixels})
+        posterior = finite_outputs(encoder, encoder.run({"image": pixels}))
         mean, std = posterior["latent_mean"], posterior["latent_std"]
         draws = [g.randn(mean.shape) for g in generators]
         sample = np.concatenate([mean + std * d for d in draws])
@@ -208,6 +229,7 @@ class Pipeline:
                 middle = time.perf_counter()
                 outputs = run_unet(varying)
                 after = time.perf_counter()
+                finite_outputs(unet, outputs, f"at step {i + 1}/{total}")  # host time, not the UNet's
                 guided = outputs["guided_noise"] if fused else guide(outputs["noise_pred"], request)
                 noise = randn_batch(generators, latents.shape) if sched.noise_steps[i] else None
                 latents = sched.step(guided, i, latents, noise=noise).astype(np.float32)
@@ -226,13 +248,16 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         scaled = (latents / np.float32(self.manifest.scaling_factor)).astype(np.float32)
-        return self.graph(Network.VAE_DECODER).run({"latent": scaled})["image"]
+        check_finite("latents after denoising", {"latents": scaled}, "the sampler's steps overflowed")
+        decoder = self.graph(Network.VAE_DECODER)
+        return finite_outputs(decoder, decoder.run({"latent": scaled}))["image"]
 
     @property
     def model_name(self) -> str:
-        """The source model folder's name (what A1111 shows as Model), else the engine folder's."""
-        source = self.manifest.source.get("model_dir")
-        return Path(source).name if source else self.engine_dir.resolve().name
+        """A1111's ``Model``: the checkpoint's stem or the model folder's name, else the engine folder's."""
+        source = self.manifest.source
+        name = source.get("name") or (Path(source["model_dir"]).name if source.get("model_dir") else None)
+        return name or self.engine_dir.resolve().name
 
     def parameters(self, request: GenerationRequest) -> dict[str, Any]:
         """What made the images (the seed as recorded, the sampler's canonical name), for the infotext."""
@@ -253,7 +278,14 @@ class Pipeline:
             "batch_size": request.batch_size,
             "model_hash": self.model_hash,
             "model_name": self.model_name,
+            "prediction_type": self.manifest.prediction_type,
+            **vae_parameters(self.manifest.source.get("vae")),
         }
+
+
+def vae_parameters(vae: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A1111's ``VAE hash`` and ``VAE`` infotext fields, when export swapped the model's VAE."""
+    return {"vae_hash": vae["short_hash"], "vae_name": vae["name"]} if vae else {}
 
 
 def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None) -> bool:
@@ -270,3 +302,32 @@ def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None)
 def notify(on_step: StepCallback | None, info: StepInfo) -> None:
     if on_step is not None and on_step(info) is False:
         raise Cancelled(f"generation cancelled at step {info.step}/{info.total}")
+
+
+# Engine folders exported before the stacked output carry only the penultimate layer (clip skip 2).
+_PENULTIMATE = "penultimate_hidden_state"
+
+
+def check_clip_skip(spec: GraphSpec, clip_skip: int) -> None:
+    """RequestError unless the text encoder graph has the layer ``clip_skip`` picks (1 = last)."""
+    names = spec.output_names
+    if clip_skip == 1 or (clip_skip == 2 and _PENULTIMATE in names):
+        return
+    if "normed_hidden_states" not in names:
+        raise RequestError(
+            f"clip_skip {clip_skip}: this engine folder's text encoder only gives clip skip 1 and 2; "
+            "re-export the model with this sd-engine for 1..12"
+        )
+    layers = int(next(t for t in spec.outputs if t.name == "normed_hidden_states").dims[1])
+    if clip_skip > layers:
+        raise RequestError(f"clip_skip {clip_skip}: this model's text encoder has only {layers} layers")
+
+
+def clip_skip_layer(outputs: Mapping[str, np.ndarray], clip_skip: int) -> np.ndarray:
+    """The text embeddings (N, S, H) A1111's clip skip picks: the output of layer ``num_layers -
+    clip_skip + 1`` after the final layer norm (clip skip 1: ``last_hidden_state``)."""
+    if clip_skip == 1:
+        return outputs["last_hidden_state"]
+    if "normed_hidden_states" in outputs:
+        return outputs["normed_hidden_states"][:, -clip_skip]
+    return outputs[_PENULTIMATE]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import RequestError
+from engine.pipeline.images import load_image
 from engine.sampling.registry import resolve
 
 MAX_SEED = 2**32 - 1
@@ -25,7 +26,14 @@ MAX_SIDE = 4096
 RANDOM_SEED = -1  # A1111: -1 (or None) asks for a random seed, chosen and recorded when the request is built
 
 # Integer settings and their inclusive ranges; numbers as (low, high, low_inclusive).
-_INTEGERS = {"steps": (1, 1000), "width": (1, MAX_SIDE), "height": (1, MAX_SIDE), "batch_size": (1, 64)}
+MAX_CLIP_SKIP = 12  # A1111's range: 1 (last layer) .. 12 (CLIP ViT-L's first layer)
+_INTEGERS = {
+    "steps": (1, 1000),
+    "width": (1, MAX_SIDE),
+    "height": (1, MAX_SIDE),
+    "batch_size": (1, 64),
+    "clip_skip": (1, MAX_CLIP_SKIP),
+}
 _NUMBERS = {
     "guidance_scale": (0.0, 100.0, True),
     "guidance_rescale": (0.0, 1.0, True),
@@ -53,7 +61,9 @@ class GenerationRequest:
     ``seed`` None or -1: a random seed in 0..2**32-1, chosen here and recorded; image i gets seed + i.
     ``sampler`` is stored under its canonical name (``"euler  A"`` -> ``"Euler a"``).
     ``latents``: (images, channels, H/8, W/8) standard-normal noise, kept as a read-only float32 copy.
-    ``image``: img2img's start, a PIL image or HxWx3 uint8 array, kept as a read-only RGB uint8 copy.
+    ``image``: img2img's start, a PIL image (read as a viewer shows it: EXIF orientation applied,
+    transparency over white, see :func:`engine.pipeline.images.load_image`) or an HxWx3 uint8 RGB array,
+    kept as a read-only RGB uint8 copy. ``latents`` holding NaN or inf (also after the cast) are refused.
     Equality compares the arrays by content.
     """
 
@@ -78,13 +88,12 @@ class GenerationRequest:
             _check_integer(name, getattr(self, name), low, high)
         for name, (low, high, closed) in _NUMBERS.items():
             _check_number(name, getattr(self, name), low, high, closed)
-        _require(self.clip_skip in (1, 2) and _is_int(self.clip_skip), "clip_skip", "1 or 2", self.clip_skip)
         set_field = object.__setattr__
         set_field(self, "sampler", _sampler(self.sampler))
         set_field(self, "seed", _seed(self.seed))
         set_field(self, "prompts", tuple(self.prompts))
         set_field(self, "negative_prompts", tuple(self.negative_prompts))
-        for name in (*_INTEGERS, "clip_skip"):
+        for name in _INTEGERS:
             set_field(self, name, int(getattr(self, name)))
         if self.latents is not None:
             set_field(self, "latents", _latents_array(self.latents))
@@ -239,15 +248,25 @@ def _seed(seed: Any) -> int:
 def _latents_array(latents: Any) -> np.ndarray:
     ok = isinstance(latents, np.ndarray) and latents.ndim == 4 and np.issubdtype(latents.dtype, np.floating)
     _require(ok, "latents", "a 4-D float array", latents, show=_describe)
-    return _read_only(latents.astype(np.float32))
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused next
+        array = latents.astype(np.float32)
+    finite = np.isfinite(array)
+    if not finite.all():  # one NaN would make a black image, not an error
+        nans = int(np.isnan(array).sum())
+        infs = array.size - int(finite.sum()) - nans
+        raise RequestError(f"latents must be finite, got {nans} NaN and {infs} inf values (as float32)")
+    return _read_only(array)
 
 
 def _image_array(image: Any) -> np.ndarray:
+    """A PIL image as a viewer shows it (EXIF orientation, transparency over white: see
+    engine.pipeline.images.load_image), or an HxWx3 uint8 RGB array taken as it is."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return _read_only(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        return _read_only(np.asarray(load_image(image, label="image"), dtype=np.uint8))
     ok = isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    ok = ok and image.shape[0] > 0 and image.shape[1] > 0
     _require(ok, "image", "a PIL image or an HxWx3 uint8 array", image, show=_describe)
     return _read_only(image)
 
@@ -282,14 +301,14 @@ def _encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _decode_png(text: Any) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
+def _decode_png(text: Any) -> np.ndarray:
+    """A base64 image file (PNG, JPEG, ...) -> HxWx3 uint8 RGB as a viewer shows it; RequestError, one
+    line, when it is not base64 or not a readable image (too large, truncated, ...)."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as image:
-            return image.convert("RGB")
-    except (TypeError, ValueError, OSError, UnidentifiedImageError):
-        raise RequestError("image must be a base64-encoded PNG") from None
+        data = base64.b64decode(text, validate=True)
+    except (TypeError, ValueError):
+        raise RequestError("image must be a base64-encoded PNG, JPEG or other image file") from None
+    return np.asarray(load_image(data, label="image"), dtype=np.uint8)
 
 
 def _encode_array(array: np.ndarray) -> dict[str, Any]:

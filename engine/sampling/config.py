@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
@@ -119,6 +120,10 @@ _SCHEDULE_FLAGS = {
     "use_lu_lambdas": SigmaSchedule.LU_LAMBDAS,
     "use_ays_sigmas": SigmaSchedule.ALIGN_YOUR_STEPS,
 }
+# Keys that describe the model's training schedule rather than a sampler: every sampler takes them
+# from a config, also where its diffusers class ignores them (LMS, Heun, KDPM2, DPM++ SDE, PNDM and
+# DEIS drop rescale_betas_zero_snr, which would sample a zero-terminal-SNR model on the wrong ladder).
+MODEL_KEYS = frozenset({"rescale_betas_zero_snr"})
 _FIELDS = {f.name for f in fields(SchedulerConfig)}
 _ENUM_TYPES = {
     "beta_schedule": BetaSchedule,
@@ -141,10 +146,11 @@ def resolve_config(
 ) -> SchedulerConfig:
     """Merge like ``Class.from_config(config, **overrides)``: keys the class does not take are ignored.
 
-    ``config`` may only set keys of ``defaults`` (the diffusers class signature); ``forced`` (what a
-    sampler label implies) and ``overrides`` may also set ``extensions`` (engine-only options).
+    ``config`` may only set keys of ``defaults`` (the diffusers class signature) and ``MODEL_KEYS``;
+    ``forced`` (what a sampler label implies) and ``overrides`` may also set ``extensions``
+    (engine-only options).
     """
-    known = set(defaults)
+    known = set(defaults) | MODEL_KEYS
     merged = dict(defaults)
     merged.update({k: v for k, v in (config or {}).items() if k in known})
     known |= set(extensions)
@@ -199,3 +205,49 @@ def _check_numbers(cfg: SchedulerConfig) -> None:
         raise ValueError(f"eta must be >= 0, got {cfg.eta!r}")
     if cfg.trained_betas is None and not 0.0 < cfg.beta_start <= cfg.beta_end < 1.0:
         raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {cfg.beta_start!r}, {cfg.beta_end!r}")
+
+
+# -- outdated configs -----------------------------------------------------------------------------
+
+# (key, the value diffusers' StableDiffusionPipeline.__init__ rewrites, the value it writes): it
+# checks ``getattr(scheduler.config, "steps_offset", 1) != 1`` and ``getattr(..., "clip_sample",
+# False) is True`` (diffusers 0.42, pipelines/stable_diffusion/pipeline_stable_diffusion.py; the
+# img2img and inpainting pipelines do the same), each with a deprecation warning.
+_MIGRATIONS: tuple[tuple[str, Callable[[Any], bool], Any], ...] = (
+    ("steps_offset", lambda v: v != 1, 1),
+    ("clip_sample", lambda v: v is True, False),
+)
+
+
+def migrate_scheduler_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The scheduler config diffusers' StableDiffusionPipeline samples with, and one line per change.
+
+    diffusers rewrites outdated scheduler configs when it builds the pipeline: ``steps_offset`` other
+    than 1 becomes 1 and ``clip_sample`` true becomes false. It reads the scheduler object's config,
+    where a key the file leaves out holds the class default (``_class_name``): a DDIMScheduler file
+    without ``steps_offset`` / ``clip_sample`` means 0 / true and is rewritten too; for a class the
+    engine does not know, only keys the file sets count. Returns a new dict (the input is not
+    changed) with the rewritten keys set explicitly, and for each change a line naming the key, the
+    old and the new value, e.g. "scheduler steps_offset: 0 -> 1 (...)".
+    """
+    from .registry import CLASSES, DEFAULTS  # registry imports this module
+
+    algorithm = CLASSES.get(str(config.get("_class_name")))
+    class_defaults = DEFAULTS[algorithm] if algorithm is not None else {}
+    migrated = dict(config)
+    notes = []
+    for key, outdated, new in _MIGRATIONS:
+        if key in config:
+            old, shown = config[key], json.dumps(config[key], default=str)
+        elif key in class_defaults:
+            old = class_defaults[key]
+            shown = f"unset ({config['_class_name']} default {json.dumps(old, default=str)})"
+        else:
+            continue
+        if outdated(old):
+            migrated[key] = new
+            notes.append(
+                f"scheduler {key}: {shown} -> {json.dumps(new)} (an outdated scheduler_config.json; "
+                "diffusers' StableDiffusionPipeline makes the same change)"
+            )
+    return migrated, tuple(notes)

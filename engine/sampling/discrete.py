@@ -189,10 +189,13 @@ def build_pndm(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     diffusers' bookkeeping once on {(source, index): weight} maps yields the terms. diffusers
     restarts its counter at the first evaluation it is given (img2img included): the counter is
     the tail index ``i``, while the warm-up's reference timesteps come from the full run.
+
+    diffusers' PNDMScheduler ignores ``rescale_betas_zero_snr``; here it applies, with alpha_bar[-1]
+    floored at 2**-24 like the Euler-type samplers (the transfer divides by sqrt(alpha_bar)).
     """
     if cfg.prediction_type is Prediction.SAMPLE:
         raise ValueError("PNDM supports prediction_type 'epsilon' and 'v_prediction', not 'sample'")
-    acp = alphas_cumprod(cfg)
+    acp = alphas_cumprod(cfg, terminal_floor=True)  # its transfer divides by sqrt(alpha_bar)
     final = 1.0 if cfg.set_alpha_to_one else acp[0]
     full, n_prk = pndm_timesteps(cfg, steps)
     ratio = cfg.num_train_timesteps // steps

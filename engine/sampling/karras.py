@@ -20,8 +20,7 @@ from .schedules import Ladder, LadderRules, sigma_ladder, sigma_to_t
 
 X, D, N = Source.SAMPLE, Source.DENOISED, Source.NOISE
 
-EULER_RULES = LadderRules(terminal_floor=True)
-PLAIN_RULES = LadderRules()
+RULES = LadderRules()
 DPM2_RULES = LadderRules(schedule_dtype=np.float64, round_karras_timesteps=True)
 SDE_RULES = LadderRules(dtype=np.float64, schedule_dtype=np.float64)
 
@@ -78,7 +77,7 @@ def ode_step(s: float, s_to: float, lag: int = 0, up: float = 0.0) -> tuple[tupl
 
 def build_euler(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     """Euler's method (Karras et al. 2022, alg. 2 without churn)."""
-    lad = sigma_ladder(cfg, steps, EULER_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     ts = lad.timesteps
     if cfg.timestep_type is TimestepType.CONTINUOUS and cfg.prediction_type is Prediction.V_PREDICTION:
@@ -89,7 +88,7 @@ def build_euler(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
 
 def build_euler_ancestral(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     """Ancestral Euler: step down to sigma_down, then add fresh noise of std sigma_up."""
-    lad = sigma_ladder(cfg, steps, EULER_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     evals = []
     for k in range(steps):
@@ -112,7 +111,7 @@ def build_lms(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     Like diffusers, the polynomial order follows the absolute step (min(k + 1, 4)) while only
     derivatives of this run are summed, which matters when img2img starts mid-ladder.
     """
-    lad = sigma_ladder(cfg, steps, PLAIN_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     evals = []
     for k in range(steps):
@@ -146,7 +145,7 @@ def _two_stage(
 
 def build_heun(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     """Heun's method (Karras et al. 2022, alg. 1): Euler, then average the two slopes."""
-    lad = sigma_ladder(cfg, steps, PLAIN_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     firsts = [Update(terms(*ode_step(s[k], s[k + 1]))) for k in range(steps)]
     seconds = []
@@ -216,7 +215,7 @@ def build_dpmpp_sde(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
 
 def build_dpmpp_2s_ancestral(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     """DPM-Solver++(2S) ancestral (k-diffusion ``sample_dpmpp_2s_ancestral``), eta = cfg.eta."""
-    lad = sigma_ladder(cfg, steps, EULER_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     split = [ancestral(s[k], s[k + 1], cfg.eta) for k in range(steps - 1)]
     mids = np.array([math.sqrt(s[k] * down) for k, (down, _) in enumerate(split)])

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .config import AlgorithmType, BetaSchedule, FinalSigmas, SchedulerConfig, SigmaSchedule, SolverType
-from .karras import EULER_RULES, Eval, karras_plan
+from .karras import RULES, Eval, karras_plan
 from .parameterization import make_denoiser, vp_of_sigma
 from .plan import Plan, Source, Update, terms
 from .schedules import (
@@ -36,10 +36,7 @@ def multistep_ladder(cfg: SchedulerConfig, steps: int, solver: str) -> Ladder:
     acp = alphas_cumprod(cfg, terminal_floor=True)
     train = training_sigmas(acp)
     log_sigmas = np.log(train)
-    last = cfg.num_train_timesteps
-    if solver == "dpm" and cfg.lambda_min_clipped > -math.inf:
-        lambdas = 0.5 * np.log(acp) - 0.5 * np.log(1 - acp)
-        last -= int(np.searchsorted(lambdas[::-1], cfg.lambda_min_clipped))
+    last = last_timestep(cfg, solver)
     ts = multistep_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset, last)
     kind = cfg.sigma_schedule
     if kind is SigmaSchedule.DEFAULT:
@@ -54,6 +51,17 @@ def multistep_ladder(cfg: SchedulerConfig, steps: int, solver: str) -> Ladder:
             rounded = False
         ts = (t.round() if rounded else t).astype(np.int64)
     return Ladder(ts, np.append(sigmas, _final_sigma(cfg, solver, sigmas, train)), log_sigmas, acp)
+
+
+def last_timestep(cfg: SchedulerConfig, solver: str) -> int:
+    """One past the highest timestep the ladder may use: DPM-Solver's ``lambda_min_clipped`` drops
+    the training timesteps whose log-SNR lies below it (diffusers' ``last_timestep``)."""
+    last = cfg.num_train_timesteps
+    if solver == "dpm" and cfg.lambda_min_clipped > -math.inf:
+        acp = alphas_cumprod(cfg, terminal_floor=True)
+        lambdas = 0.5 * np.log(acp) - 0.5 * np.log(1 - acp)
+        last -= int(np.searchsorted(lambdas[::-1], cfg.lambda_min_clipped))
+    return last
 
 
 def _final_sigma(cfg: SchedulerConfig, solver: str, sigmas: np.ndarray, train: np.ndarray) -> float:
@@ -255,7 +263,7 @@ def build_deis(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
 
 def build_dpmpp_3m_sde(cfg: SchedulerConfig, steps: int, begin: int) -> Plan:
     """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``) on a Karras ladder, eta = cfg.eta."""
-    lad = sigma_ladder(cfg, steps, EULER_RULES)
+    lad = sigma_ladder(cfg, steps, RULES)
     s = lad.sigmas
     evals = []
     for k in range(steps):

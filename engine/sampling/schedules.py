@@ -67,13 +67,36 @@ def training_sigmas(acp: np.ndarray) -> np.ndarray:
     return np.sqrt((1.0 - acp) / acp)
 
 
+def leading_offset(n_train: int, top: int, offset: int) -> int:
+    """``steps_offset``, lowered just enough that the top timestep ``top + offset`` is <= n_train - 1.
+
+    diffusers adds the offset regardless: with leading spacing and steps_offset 1, 1000 steps give
+    timestep 1000, and DDIM / DDPM / PNDM index alpha_bar[1000] (IndexError), Euler-type samplers
+    repeat sigma(999) (LMS, DPM++ SDE, DPM++ 3M SDE then divide by zero) and the multistep solvers
+    do the same at 999 steps. Lowering the offset keeps the leading ladder's spacing and ends it on
+    the last training timestep; nothing changes wherever the offset fits.
+    """
+    return min(offset, n_train - 1 - top)
+
+
+def trailing_points(last: int, n_train: int, steps: int) -> np.ndarray:
+    """``np.arange(last, 0, -n_train / steps)`` as diffusers writes it, cut to ``steps`` values.
+
+    In floating point that arange has steps + 1 entries for 62 step counts (61, 103, 121, ... 998 of
+    1000): the extra one is ~1e-13 and becomes timestep -1, which diffusers runs as one more step
+    (alpha_bar[-1] wraps to the last entry). The first ``steps`` values are diffusers' own.
+    """
+    return np.arange(last, 0, -n_train / steps)[:steps]
+
+
 def discrete_timesteps(spacing: Spacing, n_train: int, steps: int, offset: int) -> np.ndarray:
     """Descending integer timesteps of DDIM / DDPM / PNDM (Lin et al. 2023, table 2)."""
     if spacing is Spacing.LINSPACE:
         return np.linspace(0, n_train - 1, steps).round()[::-1].astype(np.int64)
     if spacing is Spacing.LEADING:
-        return (np.arange(steps) * (n_train // steps))[::-1].astype(np.int64) + offset
-    return np.round(np.arange(n_train, 0, -n_train / steps)).astype(np.int64) - 1
+        base = (np.arange(steps) * (n_train // steps))[::-1].astype(np.int64)
+        return base + leading_offset(n_train, int(base[0]), offset)
+    return np.round(trailing_points(n_train, n_train, steps)).astype(np.int64) - 1
 
 
 def sigma_timesteps(spacing: Spacing, n_train: int, steps: int, offset: int, dtype: type) -> np.ndarray:
@@ -82,18 +105,28 @@ def sigma_timesteps(spacing: Spacing, n_train: int, steps: int, offset: int, dty
         return np.linspace(0, n_train - 1, steps, dtype=dtype)[::-1].copy()
     if spacing is Spacing.LEADING:
         ts = (np.arange(steps) * (n_train // steps)).round()[::-1].astype(dtype)
-        return ts + dtype(offset)
-    return np.arange(n_train, 0, -n_train / steps).round().astype(dtype) - dtype(1)
+        return ts + dtype(leading_offset(n_train, int(ts[0]), offset))
+    return trailing_points(n_train, n_train, steps).round().astype(dtype) - dtype(1)
 
 
 def multistep_timesteps(spacing: Spacing, n_train: int, steps: int, offset: int, last: int) -> np.ndarray:
-    """Descending integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS)."""
+    """Descending integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS).
+
+    These spacings place steps + 1 points and drop the lowest, so at steps = n_train leading spacing
+    gives n_train copies of steps_offset and linspace repeats a timestep (diffusers: NaN). There the
+    ladder is every training timestep, n_train - 1 down to 0, what trailing spacing gives anyway.
+    With ``lambda_min_clipped`` (``last`` < n_train) the result may repeat timesteps or have fewer
+    than ``steps``: :mod:`engine.sampling.steps` refuses those counts.
+    """
+    if steps == last == n_train:
+        return np.arange(n_train, dtype=np.int64)[::-1].copy()
     if spacing is Spacing.LINSPACE:
         return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     if spacing is Spacing.LEADING:
         ratio = last // (steps + 1)
-        return (np.arange(steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + offset
-    return np.arange(last, 0, -n_train / steps).round().astype(np.int64) - 1
+        base = (np.arange(steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+        return base + leading_offset(n_train, int(base[0]), offset)
+    return np.round(trailing_points(last, n_train, steps)).astype(np.int64) - 1
 
 
 def lcm_timesteps(n_train: int, original_steps: int, steps: int) -> np.ndarray:
@@ -146,7 +179,6 @@ class LadderRules:
     dtype: type = np.float32  # timestep dtype with the default schedule
     schedule_dtype: type = np.float32  # ... and after a Karras / exponential / AYS conversion
     round_karras_timesteps: bool = False
-    terminal_floor: bool = False  # alpha_bar[-1] = 2**-24 under zero-SNR rescaling
 
 
 @dataclass(frozen=True)
@@ -160,8 +192,12 @@ class Ladder:
 
 
 def sigma_ladder(cfg: SchedulerConfig, steps: int, rules: LadderRules) -> Ladder:
-    """The ladder of Euler-type samplers: spaced timesteps, interpolated sigmas, optional respacing."""
-    acp = alphas_cumprod(cfg, rules.terminal_floor)
+    """The ladder of Euler-type samplers: spaced timesteps, interpolated sigmas, optional respacing.
+
+    Under ``rescale_betas_zero_snr`` alpha_bar ends at 2**-24, not 0, so sigma_max is finite (~4096),
+    as diffusers' Euler does; the samplers whose diffusers class ignores the flag use the same table.
+    """
+    acp = alphas_cumprod(cfg, terminal_floor=True)
     train = training_sigmas(acp)
     log_sigmas = np.log(train)
     ts = sigma_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, steps, cfg.steps_offset, rules.dtype)

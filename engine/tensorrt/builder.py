@@ -250,12 +250,12 @@ def parity_gate(
     return summarize_parity(reports, threshold, seed)
 
 
-def vocab_size(tokenizer_dir: Path, default: int = 49408) -> int:
-    """Token ids the text encoder accepts: random parity inputs must stay below it."""
-    try:
-        return len(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))) or default
-    except (OSError, ValueError):
-        return default
+def vocab_size(tokenizer_dir: Path) -> int:
+    """Token ids the text encoder accepts (the engine's tokenizer, either layout): random parity
+    inputs must stay below it."""
+    from engine.text.tokenizer import ClipTokenizer
+
+    return ClipTokenizer.from_folder(tokenizer_dir).vocab_size
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,19 @@ import numpy as np
 EMBEDDING_CACHE_SIZE = 64
 
 
+def truncation_warning(tokens: int, max_length: int, what: str) -> str | None:
+    """The line to warn with when a prompt of ``tokens`` BPE tokens (no start/end token) is longer
+    than the ``max_length - 2`` CLIP reads; None when it fits. Until long prompts are chunked
+    (A1111's 75-token chunks), the rest is cut as diffusers cuts it."""
+    room = max_length - 2
+    if tokens <= room:
+        return None
+    return (
+        f"{what} is {tokens} tokens; CLIP reads the first {room}, the last {tokens - room} are ignored "
+        "(long prompts are not supported yet)"
+    )
+
+
 class EmbeddingCache:
     """A small LRU of text embeddings keyed on (prompt, clip_skip): services repeat prompts."""
 

@@ -1,5 +1,9 @@
 """The runtime's CLIP tokenizer: the `tokenizers` library set up exactly like transformers' CLIPTokenizer.
 
+A tokenizer folder comes in two layouts: tokenizer.json (+ tokenizer_config.json), which transformers 5's
+save_pretrained writes, or vocab.json + merges.txt (+ configs), which older folders (SD 1.5, SD 2.1)
+ship. Either way only the BPE vocabulary, the merges and the special / added tokens are read from it.
+
 transformers 5 builds CLIPTokenizer on `tokenizers` with: NFC, every run of whitespace replaced by one
 space, lowercase (no ftfy, no strip); CLIP's regex split then byte-level mapping; BPE with the "</w>"
 word suffix; named special tokens (bos, eos, unk, pad) as added tokens, so a pad token such as SD 2's
@@ -27,6 +31,7 @@ from engine.fsutil import write_atomic
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+TOKENIZER_JSON_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
@@ -88,6 +93,16 @@ class TokenizerSettings:
     max_length: int = DEFAULT_MAX_LENGTH
 
 
+@dataclass(frozen=True)
+class BpeFiles:
+    """What a tokenizer folder's vocabulary files hold, and how to name them in errors."""
+
+    vocab: dict[str, int]
+    merges: list[tuple[str, str]]
+    added: tuple[SpecialToken, ...]  # tokenizer.json's "added_tokens", in id order; () for vocab.json
+    vocab_source: str  # the file (and section) the vocabulary came from
+
+
 class ClipTokenizer:
     """Prompt text to CLIP token ids, identical to transformers' CLIPTokenizer on the same folder."""
 
@@ -103,15 +118,30 @@ class ClipTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str]) -> ClipTokenizer:
-        """Load a diffusers-style tokenizer folder (vocab.json, merges.txt and its configs)."""
+        """Load a diffusers-style tokenizer folder, in either layout.
+
+        tokenizer.json (what transformers 5 saves): the BPE vocabulary and merges from its "model"
+        section and, unless tokenizer_config.json has "added_tokens_decoder", the added tokens from
+        its "added_tokens". Where tokenizer.json exists, vocab.json and merges.txt are ignored even if
+        present, as transformers 5's CLIPTokenizer.from_pretrained ignores them
+        (TokenizersBackend.convert_to_native_format reads tokenizer.json first). Like CLIPTokenizer,
+        the file's normalizer, pre-tokenizer, post-processor, padding and truncation are not used:
+        the pipeline is CLIP's, built here, and the framing ours.
+
+        Without tokenizer.json: vocab.json and merges.txt, both required.
+
+        Raises EngineFolderError, one line naming the file: the folder or a needed file missing, a
+        file unreadable or malformed, merges using tokens outside the vocabulary, a named special
+        token outside the vocabulary.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise EngineFolderError(f"tokenizer folder not found: {folder}")
-        vocab = read_vocab(folder / VOCAB_FILE)
-        merges = read_merges(folder / MERGES_FILE)
-        settings = read_settings(folder)
-        check_settings(vocab, settings, str(folder / VOCAB_FILE))
-        return cls(vocab, merges, settings)
+        json_path = folder / TOKENIZER_JSON_FILE
+        bpe = read_tokenizer_json(json_path) if json_path.exists() else read_vocab_and_merges(folder)
+        settings = read_settings(folder, bpe.added)
+        check_settings(bpe.vocab, settings, bpe.vocab_source)
+        return cls(bpe.vocab, bpe.merges, settings)
 
     @property
     def max_length(self) -> int:
@@ -180,7 +210,7 @@ def build_clip_tokenizer(
             unk_token=settings.unk.content,
         )
     except Exception as error:  # tokenizers raises a bare Exception for merges outside the vocabulary
-        raise EngineFolderError(f"tokenizer {MERGES_FILE} does not fit {VOCAB_FILE}: {error}") from error
+        raise EngineFolderError(f"tokenizer merges do not fit the vocabulary: {one_line(error)}") from error
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
@@ -214,14 +244,92 @@ def read_json(path: Path) -> Any:
 
 def read_vocab(path: Path) -> dict[str, int]:
     """vocab.json: token text to id, ids unique."""
-    vocab = read_json(path)
+    return check_vocab(read_json(path), str(path))
+
+
+def check_vocab(vocab: Any, source: str) -> dict[str, int]:
+    """A BPE vocabulary: a non-empty object of token text to unique non-negative integer ids."""
     if not isinstance(vocab, dict) or not vocab:
-        raise EngineFolderError(f"corrupt tokenizer file {path}: expected a non-empty JSON object")
+        raise EngineFolderError(f"corrupt tokenizer file {source}: expected a non-empty JSON object")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vocab.values()):
-        raise EngineFolderError(f"corrupt tokenizer file {path}: ids must be non-negative integers")
+        raise EngineFolderError(f"corrupt tokenizer file {source}: ids must be non-negative integers")
     if len(set(vocab.values())) != len(vocab):
-        raise EngineFolderError(f"corrupt tokenizer file {path}: duplicate ids")
+        raise EngineFolderError(f"corrupt tokenizer file {source}: duplicate ids")
     return vocab
+
+
+def check_merges(vocab: dict[str, int], merges: list[tuple[str, str]], source: str, vocab_name: str) -> None:
+    """Each merge's two parts and their join must be vocabulary tokens, as the `tokenizers` BPE demands."""
+    for number, (left, right) in enumerate(merges, start=1):
+        for token in (left, right, left + right):
+            if token not in vocab:
+                raise EngineFolderError(
+                    f"tokenizer {source} does not fit {vocab_name}: merge {number} ({left} {right}) "
+                    f"needs {token!r}, which is not in it"
+                )
+
+
+def read_vocab_and_merges(folder: Path) -> BpeFiles:
+    """The older layout: vocab.json and merges.txt, both required."""
+    vocab_path, merges_path = folder / VOCAB_FILE, folder / MERGES_FILE
+    for path in (vocab_path, merges_path):
+        if not path.exists():
+            raise EngineFolderError(
+                f"missing tokenizer file: {path} (a tokenizer folder holds {TOKENIZER_JSON_FILE}, "
+                f"or {VOCAB_FILE} and {MERGES_FILE})"
+            )
+    vocab = read_vocab(vocab_path)
+    merges = read_merges(merges_path)
+    check_merges(vocab, merges, str(merges_path), VOCAB_FILE)
+    return BpeFiles(vocab, merges, (), str(vocab_path))
+
+
+def read_tokenizer_json(path: Path) -> BpeFiles:
+    """tokenizer.json's BPE "model" (vocab, merges) and "added_tokens", checked; nothing else is read.
+
+    Merges are "left right" strings (tokenizers < 0.20) or [left, right] pairs (newer).
+    """
+    content = read_json(path)
+    if not isinstance(content, dict):
+        raise EngineFolderError(f"corrupt tokenizer file {path}: expected a JSON object")
+    model = content.get("model")
+    if not isinstance(model, dict):
+        raise EngineFolderError(f'corrupt tokenizer file {path}: no "model" object')
+    kind = model.get("type", "BPE")  # old files omit the type
+    if kind != "BPE":
+        raise EngineFolderError(f"tokenizer file {path} holds a {kind!r} model; CLIP's tokenizer is BPE")
+    source = f"{path} (model.vocab)"
+    vocab = check_vocab(model.get("vocab"), source)
+    merges = parse_json_merges(model.get("merges"), path)
+    check_merges(vocab, merges, str(path), "its model.vocab")
+    added = parse_json_added_tokens(content.get("added_tokens", []), path)
+    return BpeFiles(vocab, merges, added, source)
+
+
+def parse_json_merges(value: Any, path: Path) -> list[tuple[str, str]]:
+    """tokenizer.json's model.merges as (left, right) pairs, in priority order."""
+    if not isinstance(value, list) or not value:
+        raise EngineFolderError(f"corrupt tokenizer file {path}: model.merges is not a non-empty list")
+    merges = []
+    for number, merge in enumerate(value, start=1):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+            raise EngineFolderError(f"corrupt tokenizer file {path}: merge {number} is not a pair of tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def parse_json_added_tokens(value: Any, path: Path) -> tuple[SpecialToken, ...]:
+    """tokenizer.json's "added_tokens" ([{id, content, flags}]), in id order."""
+    if not isinstance(value, list) or not all(
+        isinstance(token, dict) and isinstance(token.get("id"), int) and not isinstance(token["id"], bool)
+        for token in value
+    ):
+        raise EngineFolderError(
+            f"corrupt tokenizer file {path}: added_tokens is not a list of tokens with ids"
+        )
+    ordered = sorted(value, key=lambda token: token["id"])
+    return tuple(parse_special_token(token, path) for token in ordered)
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:
@@ -245,16 +353,19 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def read_settings(folder: Path) -> TokenizerSettings:
+def read_settings(folder: Path, json_added: tuple[SpecialToken, ...] = ()) -> TokenizerSettings:
     """Named special tokens, added tokens and length, resolved the way transformers 5 resolves them.
 
-    A config with "added_tokens_decoder" is authoritative; older ones (SD 1.5 / 2.1) take named tokens
-    from tokenizer_config.json, overridden by special_tokens_map.json. Both files are optional.
+    A config with "added_tokens_decoder" is authoritative; otherwise (SD 1.5 / 2.1, and folders
+    transformers 5 saved) named tokens come from tokenizer_config.json, overridden by
+    special_tokens_map.json, and the added tokens are tokenizer.json's (``json_added``; none for
+    vocab.json folders). A named token whose text is an added token takes that token's flags. Both
+    files are optional.
     """
     config_path, map_path = folder / CONFIG_FILE, folder / SPECIAL_TOKENS_FILE
     config = read_optional_object(config_path)
     named = {key: (config[key], config_path) for key in SPECIAL_TOKEN_KEYS if config.get(key) is not None}
-    added: tuple[SpecialToken, ...] = ()
+    added = json_added
     if "added_tokens_decoder" in config:
         added = parse_added_tokens(config["added_tokens_decoder"], config_path)
     else:

@@ -36,7 +36,7 @@ def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
 
 def test_export_nonexistent_model(capsys, tmp_path: Path) -> None:
     code, err = _run(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "engine"))
-    _assert_one_line_error(code, err, "model folder not found", "nope")
+    _assert_one_line_error(code, err, "model not found", "nope")
     assert not (tmp_path / "engine").exists()
 
 
@@ -110,7 +110,8 @@ def test_console_script_prints_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"sd-engine: error: model folder not found: {tmp_path / 'missing'}"
+        f"sd-engine: error: model not found: {tmp_path / 'missing'} "
+        "(a diffusers folder or a .safetensors checkpoint)"
     ]
 
 

@@ -21,7 +21,6 @@ from engine.commands.generate import ProgressBar, output_paths, render_bar
 from engine.infotext import parse_infotext
 from engine.manifest import read_manifest
 from engine.pipeline import StepInfo
-from engine.specs import Network
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,7 +60,7 @@ def test_txt2img_writes_png_whose_parameters_parse_back(capsys, tiny_engine: Pat
     assert len(lines) == 1 and lines[0].startswith(f"{out}  seed 7  ")
     with Image.open(out) as image:
         assert image.size == (64, 48)
-    model_hash = read_manifest(tiny_engine).graphs[Network.UNET].sha256[:10]
+    source = read_manifest(tiny_engine).source  # A1111's short hash of the model, not of an ONNX graph
     assert _infotext(out) == {
         "Prompt": "a red apple, on a table",
         "Negative prompt": "blurry",
@@ -70,8 +69,8 @@ def test_txt2img_writes_png_whose_parameters_parse_back(capsys, tiny_engine: Pat
         "CFG scale": "6.5",
         "Seed": "7",
         "Size": "64x48",
-        "Model hash": model_hash,
-        "Model": tiny_engine.name,
+        "Model hash": source["short_hash"],
+        "Model": source["name"],
     }
     assert _pngs(tmp_path) == ["apple.png"]
 
@@ -154,7 +153,11 @@ BAD_INPUTS = {
     "steps 0": (["{engine}", "p", "--steps", "0"], ["steps", "0"]),
     "seed -2": (["{engine}", "p", "--seed", "-2"], ["seed", "-1 (random)", "-2"]),
     "seed 2**32": (["{engine}", "p", "--seed", "4294967296"], ["seed", "4294967295"]),
-    "clip skip 3": (["{engine}", "p", "--clip-skip", "3"], ["clip_skip", "3"]),
+    "clip skip 3 on a 2-layer encoder": (
+        ["{engine}", "p", "--clip-skip", "3"],
+        ["clip_skip", "3", "2 layers"],
+    ),
+    "clip skip 13": (["{engine}", "p", "--clip-skip", "13"], ["clip_skip", "1..12"]),
     "img2img strength keeps no step": (
         ["{engine}", "p", "--init-image", "{init}", "--steps", "1", "--strength", "0.5"],
         ["strength", "0.5"],

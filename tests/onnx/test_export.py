@@ -74,10 +74,13 @@ def test_text_encoder_matches_transformers(tiny_model: Path, tiny_engine: Path) 
     ids = torch.randint(0, model.config.vocab_size, (3, 77))
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
-    expected_penultimate = model.final_layer_norm(out.hidden_states[-2]).detach().numpy()
     actual = _graph(tiny_engine, Network.TEXT_ENCODER).run({"input_ids": ids.numpy()})
     assert rel_l2(out.last_hidden_state.numpy(), actual["last_hidden_state"]) < 1e-5
-    assert rel_l2(expected_penultimate, actual["penultimate_hidden_state"]) < 1e-5
+    layers = model.config.num_hidden_layers
+    assert actual["normed_hidden_states"].shape == (3, layers, 77, model.config.hidden_size)
+    for clip_skip in range(1, layers + 1):  # A1111's clip skip n: layer num_layers - n + 1, normed
+        expected = model.final_layer_norm(out.hidden_states[-clip_skip]).detach().numpy()
+        assert rel_l2(expected, actual["normed_hidden_states"][:, -clip_skip]) < 1e-5
 
 
 def test_vae_matches_diffusers(tiny_model: Path, tiny_engine: Path) -> None:

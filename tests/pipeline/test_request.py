@@ -33,14 +33,16 @@ def requests(draw: st.DrawFn) -> GenerationRequest:
                                          .map(lambda s: (*s[:2], 3))))  # fmt: skip
     strength = draw(st.floats(0.0, 1.0, exclude_min=True))
     assume(image is None or int(steps * strength) >= 1)
-    latents = draw(st.none() | hnp.arrays(np.float32, hnp.array_shapes(min_dims=4, max_dims=4, max_side=3)))
+    finite = st.floats(width=32, allow_nan=False, allow_infinity=False)  # non-finite latents are refused
+    shapes = hnp.array_shapes(min_dims=4, max_dims=4, max_side=3)
+    latents = draw(st.none() | hnp.arrays(np.float32, shapes, elements=finite))
     return GenerationRequest.create(
         prompts if draw(st.booleans()) or len(prompts) > 1 else prompts[0],
         negatives,
         steps=steps,
         guidance_scale=draw(st.floats(0, 100) | st.integers(0, 100)),
         guidance_rescale=draw(st.floats(0, 1)),
-        clip_skip=draw(st.sampled_from([1, 2])),
+        clip_skip=draw(st.integers(1, 12)),
         width=draw(st.integers(1, 4096)),
         height=draw(st.integers(1, 4096)),
         sampler=_respell(draw(st.sampled_from(schedulers.names())), draw),
@@ -152,7 +154,7 @@ BAD = {
     "steps": [0, 1001, 2.0, True, "20", None],
     "guidance_scale": [-0.1, 100.5, float("nan"), "7", True],
     "guidance_rescale": [-0.1, 1.5],
-    "clip_skip": [0, 3, 1.0, True],
+    "clip_skip": [0, 13, 1.0, True],
     "width": [0, 4097, 64.0],
     "height": [-8, 5000],
     "seed": [-2, MAX_SEED + 1, 1.5, "1"],

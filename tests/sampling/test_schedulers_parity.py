@@ -95,7 +95,11 @@ NO_SAMPLE_PREDICTION = {
     "PNDMScheduler",
 }
 FLOAT32_STEP = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"}
-TERMINAL_FLOOR = FLOAT32_STEP | {"UniPCMultistepScheduler"}  # alpha_bar[-1] = 2**-24 at zero SNR
+# Zero terminal SNR: these keep alpha_bar[-1] = 0; every other class floors it at 2**-24. diffusers'
+# LMS, Heun, KDPM2, KDPM2 a, DPMSolverSDE, PNDM and DEIS ignore rescale_betas_zero_snr; the engine
+# applies it to every sampler (sampling.config.MODEL_KEYS), so their reference is diffusers' own
+# algorithm on the rescaled, floored alpha_bar table.
+NO_TERMINAL_FLOOR = {"DDIMScheduler", "DDPMScheduler", "LCMScheduler"}
 SHAPE = (2, 4, 8, 8)
 
 
@@ -177,14 +181,11 @@ def upgrade_tables(s) -> None:
     """Rebuild diffusers' float32 alpha_bar tables in float64, with the class's own rules."""
     c = s.config
     betas = betas64(c)
-    rescale = (
-        "rescale_betas_zero_snr" in inspect.signature(type(s).__init__).parameters
-        and c.rescale_betas_zero_snr
-    )
+    rescale = bool(c.get("rescale_betas_zero_snr", False))  # classes without the flag keep the key
     if rescale:
         betas = rescale_zero_terminal_snr(betas)
     acp = torch.cumprod(1 - betas, 0)
-    if rescale and type(s).__name__ in TERMINAL_FLOOR:
+    if rescale and type(s).__name__ not in NO_TERMINAL_FLOOR:
         acp[-1] = 2.0**-24
     s.betas, s.alphas, s.alphas_cumprod = betas, 1 - betas, acp
     if hasattr(s, "final_alpha_cumprod"):

@@ -70,7 +70,25 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for file in ("vocab.json", "merges.txt"):
         shutil.copy(sd1 / file, bare / file)
     result["bare"] = bare
+    # As transformers 5 saves them (tokenizer.json + tokenizer_config.json): re-saved SD folders, and
+    # tokenizers built from the two files (positional: transformers 5 ignores vocab_file=).
+    for name, source in [("sd1", sd1), ("sd2", sd2)]:
+        result[f"{name}_t5"] = saved_by_transformers(
+            transformers.CLIPTokenizer.from_pretrained(str(source)), root / f"{name}_t5"
+        )
+    for name, pad in [("sd1", EOS_TOKEN), ("sd2", SD2_PAD_TOKEN)]:
+        built = transformers.CLIPTokenizer(str(sd1 / "vocab.json"), str(sd1 / "merges.txt"), pad_token=pad)
+        result[f"{name}_t5_built"] = saved_by_transformers(built, root / f"{name}_t5_built")
     return result
+
+
+T5_FILES = ["tokenizer.json", "tokenizer_config.json"]
+
+
+def saved_by_transformers(tokenizer: object, target: Path) -> Path:
+    tokenizer.save_pretrained(str(target))
+    assert sorted(path.name for path in target.iterdir()) == T5_FILES
+    return target
 
 
 def with_added_tokens_decoder(source: Path, target: Path) -> Path:
@@ -96,7 +114,11 @@ def reference_ids(tokenizer: object, prompts: list[str]) -> np.ndarray:
     ).input_ids
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2", "sd1_added_tokens", "sd2_added_tokens", "bare"])
+VARIANTS = ["sd1", "sd2", "sd1_added_tokens", "sd2_added_tokens", "bare"]
+T5_VARIANTS = ["sd1_t5", "sd2_t5", "sd1_t5_built", "sd2_t5_built"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS + T5_VARIANTS)
 def test_every_partiprompt_and_edge_case_matches_transformers(folders: dict[str, Path], variant: str) -> None:
     prompts = parti_prompts() + EDGE_CASES
     assert len(prompts) == 1632 + len(EDGE_CASES)
@@ -120,7 +142,7 @@ def test_matches_clip_tokenizer_built_from_vocab_and_merges(folders: dict[str, P
     )
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sd1_t5", "sd2_t5"])
 def test_unpadded_ids_match_transformers_without_special_tokens(
     folders: dict[str, Path], variant: str
 ) -> None:
@@ -128,6 +150,60 @@ def test_unpadded_ids_match_transformers_without_special_tokens(
     ours = ClipTokenizer.from_folder(folders[variant])
     for prompt in parti_prompts()[::11] + EDGE_CASES:
         assert ours.encode_unpadded(prompt) == reference(prompt, add_special_tokens=False).input_ids, prompt
+
+
+@pytest.mark.parametrize("variant", ["sd1_t5", "sd2_t5"])
+def test_auto_tokenizer_loads_the_same_ids_from_a_transformers_5_folder(
+    folders: dict[str, Path], variant: str
+) -> None:
+    reference = transformers.AutoTokenizer.from_pretrained(str(folders[variant]))
+    assert type(reference).__name__ == "CLIPTokenizer"
+    prompts = parti_prompts()[::13] + EDGE_CASES
+    np.testing.assert_array_equal(
+        ClipTokenizer.from_folder(folders[variant]).encode(prompts), reference_ids(reference, prompts)
+    )
+
+
+def test_tokenizer_json_wins_over_vocab_and_merges_like_transformers_5(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Both layouts in one folder: transformers 5 reads tokenizer.json, so do we (merges.txt is cut
+    short here, which would change the ids if it were read)."""
+    folder = shutil.copytree(folders["sd1_t5"], tmp_path / "both")
+    shutil.copy(folders["sd1"] / "vocab.json", folder / "vocab.json")
+    merges = (folders["sd1"] / "merges.txt").read_text(encoding="utf-8").splitlines()[:2001]
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    prompts = parti_prompts()[::17] + EDGE_CASES
+    reference = reference_ids(transformers.CLIPTokenizer.from_pretrained(str(folder)), prompts)
+    np.testing.assert_array_equal(ClipTokenizer.from_folder(folder).encode(prompts), reference)
+    (folder / "tokenizer.json").unlink()
+    assert (ClipTokenizer.from_folder(folder).encode(prompts) != reference).any()
+
+
+def test_added_tokens_in_tokenizer_json_match_transformers(folders: dict[str, Path], tmp_path: Path) -> None:
+    """Textual-inversion style tokens beyond the vocabulary, saved by transformers 5's add_tokens."""
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folders["sd1"]))
+    assert tokenizer.add_tokens(["<cat-toy>", "sks dog"]) == 2
+    folder = saved_by_transformers(tokenizer, tmp_path / "ti")
+    reference = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    ours = ClipTokenizer.from_folder(folder)
+    prompts = ["a <cat-toy> on A <CAT-TOY>, sks dog", "<cat-toy><cat-toy>!", *parti_prompts()[::29]]
+    np.testing.assert_array_equal(ours.encode(prompts), reference_ids(reference, prompts))
+    assert ours.encode_unpadded(prompts[0]) == [320, 49408, 525, 320, 49408, 267, 49409]
+    assert ours.vocab_size == len(reference) == 49410
+
+
+def test_merges_as_strings_read_like_pairs(folders: dict[str, Path], tmp_path: Path) -> None:
+    """tokenizers < 0.20 wrote each merge as one "left right" string."""
+    folder = shutil.copytree(folders["sd2_t5"], tmp_path / "old_merges")
+    content = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    content["model"]["merges"] = [" ".join(pair) for pair in content["model"]["merges"]]
+    (folder / "tokenizer.json").write_text(json.dumps(content), encoding="utf-8")
+    prompts = parti_prompts()[::19] + EDGE_CASES
+    np.testing.assert_array_equal(
+        ClipTokenizer.from_folder(folder).encode(prompts),
+        ClipTokenizer.from_folder(folders["sd2_t5"]).encode(prompts),
+    )
 
 
 def test_converted_vocabulary_gives_the_known_ids(folders: dict[str, Path]) -> None:
@@ -158,19 +234,25 @@ def test_long_prompt_keeps_first_75_tokens_between_bos_and_eos(folders: dict[str
     assert row[1:76].tolist() == text_ids[:75]
 
 
-def test_sd1_pads_with_end_of_text_and_sd2_with_exclamation_mark(folders: dict[str, Path]) -> None:
-    sd1 = ClipTokenizer.from_folder(folders["sd1"])
-    sd2 = ClipTokenizer.from_folder(folders["sd2"])
+@pytest.mark.parametrize("suffix", ["", "_t5"])
+def test_sd1_pads_with_end_of_text_and_sd2_with_exclamation_mark(
+    folders: dict[str, Path], suffix: str
+) -> None:
+    sd1 = ClipTokenizer.from_folder(folders["sd1" + suffix])
+    sd2 = ClipTokenizer.from_folder(folders["sd2" + suffix])
     assert (sd1.pad_id, sd2.pad_id) == (49407, 0)
     row1, row2 = sd1.encode(["a cat"])[0], sd2.encode(["a cat"])[0]
     assert row1[:4].tolist() == row2[:4].tolist() == [49406, 320, 2368, 49407]
     assert set(row1[4:].tolist()) == {49407} and set(row2[4:].tolist()) == {0}
 
 
-def test_sd2_pad_token_is_matched_inside_the_prompt_like_transformers(folders: dict[str, Path]) -> None:
+@pytest.mark.parametrize("suffix", ["", "_t5", "_t5_built"])
+def test_sd2_pad_token_is_matched_inside_the_prompt_like_transformers(
+    folders: dict[str, Path], suffix: str
+) -> None:
     # SD 2's "!" is a special (added) token, so "wow!" ends in id 0, not in "!</w>" (256) as in SD 1.
-    assert ClipTokenizer.from_folder(folders["sd1"]).encode_unpadded("wow!") == [2781, 256]
-    assert ClipTokenizer.from_folder(folders["sd2"]).encode_unpadded("wow!") == [2781, 0]
+    assert ClipTokenizer.from_folder(folders["sd1" + suffix]).encode_unpadded("wow!") == [2781, 256]
+    assert ClipTokenizer.from_folder(folders["sd2" + suffix]).encode_unpadded("wow!") == [2781, 0]
 
 
 def test_empty_batch_and_single_string(folders: dict[str, Path]) -> None:
@@ -217,7 +299,7 @@ def break_file(folder: Path, name: str, content: str | None) -> None:
         ("vocab.json", "[1, 2]", "corrupt tokenizer file"),
         ("vocab.json", '{"a": 0, "b": 0}', "duplicate ids"),
         ("merges.txt", "#version: 0.2\na b c\n", "line 2 is not a merge pair"),
-        ("merges.txt", "#version: 0.2\nqq zz\n", "does not fit vocab.json"),
+        ("merges.txt", "#version: 0.2\nqq zz\n", "does not fit vocab.json: merge 1"),
         ("tokenizer_config.json", "{not json", "corrupt tokenizer file"),
         ("special_tokens_map.json", '{"pad_token": "<|nope|>"}', r"'<\|nope\|>' is not in .*vocab\.json"),
         ("tokenizer_config.json", '{"model_max_length": "77"}', "model_max_length"),
@@ -235,6 +317,79 @@ def test_broken_folder_raises_one_line_error_naming_the_file(
     text = str(caught.value)
     assert "\n" not in text
     assert name in text or "<|nope|>" in text  # an unknown token names vocab.json, checked above
+
+
+def edit_tokenizer_json(folder: Path, edit: str) -> None:
+    """One way to break a transformers 5 tokenizer.json (see the parametrization below)."""
+    path = folder / "tokenizer.json"
+    if edit == "not json":
+        path.write_text('{"model": ', encoding="utf-8")
+        return
+    content = json.loads(path.read_text(encoding="utf-8"))
+    model = content["model"]
+    if edit == "list":
+        content = [content]
+    elif edit == "no model":
+        del content["model"]
+    elif edit == "wordpiece":
+        model["type"] = "WordPiece"
+    elif edit == "vocab list":
+        model["vocab"] = list(model["vocab"])
+    elif edit == "duplicate id":
+        model["vocab"]["zzzz"] = 5
+    elif edit == "no merges":
+        model["merges"] = []
+    elif edit == "triple merge":
+        model["merges"][3] = ["a", "b", "c"]
+    elif edit == "merge outside vocab":
+        model["merges"][7] = ["<nope>", "zz"]
+    elif edit == "added not list":
+        content["added_tokens"] = {"49406": "<|startoftext|>"}
+    elif edit == "added without id":
+        del content["added_tokens"][0]["id"]
+    elif edit == "pad outside vocab":
+        model["vocab"] = {k: v for k, v in model["vocab"].items() if k != EOS_TOKEN}
+        model["merges"] = model["merges"][:100]
+        content["added_tokens"] = []
+    path.write_text(json.dumps(content), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("not json", "corrupt tokenizer file"),
+        ("list", "expected a JSON object"),
+        ("no model", 'no "model" object'),
+        ("wordpiece", "holds a 'WordPiece' model; CLIP's tokenizer is BPE"),
+        ("vocab list", "expected a non-empty JSON object"),
+        ("duplicate id", "duplicate ids"),
+        ("no merges", "model.merges is not a non-empty list"),
+        ("triple merge", "merge 4 is not a pair of tokens"),
+        ("merge outside vocab", r"does not fit its model\.vocab: merge 8 \(<nope> zz\) needs '<nope>'"),
+        ("added not list", "added_tokens is not a list of tokens with ids"),
+        ("added without id", "added_tokens is not a list of tokens with ids"),
+        ("pad outside vocab", r"'<\|endoftext\|>' is not in .*tokenizer\.json \(model\.vocab\)"),
+    ],
+)
+def test_broken_tokenizer_json_raises_one_line_error_naming_it(
+    folders: dict[str, Path], tmp_path: Path, edit: str, message: str
+) -> None:
+    folder = shutil.copytree(folders["sd1_t5"], tmp_path / "broken")
+    shutil.copy(folders["sd1"] / "vocab.json", folder / "vocab.json")  # never a silent fallback to these
+    shutil.copy(folders["sd1"] / "merges.txt", folder / "merges.txt")
+    edit_tokenizer_json(folder, edit)
+    with pytest.raises(EngineFolderError, match=message) as caught:
+        ClipTokenizer.from_folder(folder)
+    assert "\n" not in str(caught.value) and str(folder / "tokenizer.json") in str(caught.value)
+
+
+def test_folder_without_either_layout_names_both(tmp_path: Path) -> None:
+    folder = tmp_path / "configs_only"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(EngineFolderError, match="missing tokenizer file") as caught:
+        ClipTokenizer.from_folder(folder)
+    assert all(name in str(caught.value) for name in ("tokenizer.json", "vocab.json", "merges.txt"))
 
 
 def test_missing_folder_raises(tmp_path: Path) -> None:
