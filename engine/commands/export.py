@@ -30,7 +30,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     result = export_model(args.model, args.engine_dir, settings, progress=say, options=options)
     elapsed = time.perf_counter() - start
-    say(f"exported {len(result.manifest.graphs)} graphs to {result.engine_dir} in {elapsed:.1f} s")
+    count = len(result.manifest.graphs)
+    say(f"exported {count} graph{'s' if count != 1 else ''} to {result.engine_dir} in {elapsed:.1f} s")
     for network, entry in result.manifest.graphs.items():
         say(f"  {network.value:13s} {entry.precision.value}  {parity_line(entry.parity)}")
         if entry.onnxruntime is not None:

@@ -127,13 +127,10 @@ def build_request(args: argparse.Namespace, is_default: bool) -> GenerationReque
 
 def save_images(result: Any, output: Path) -> list[Path]:
     """One PNG per image, each with its own seed and batch position in the infotext."""
-    from engine.infotext import format_infotext, save_png
-
     paths = output_paths(output, len(result.images))
-    for pos, (image, seed, path) in enumerate(zip(result.images, result.seeds, paths, strict=True)):
-        params = {**result.parameters, "seed": seed, "batch_pos": pos}
+    for index, path in enumerate(paths):
         try:
-            save_png(image, path, format_infotext(params))
+            result.save(index, path)
         except OSError as error:
             raise EngineError(f"cannot write {path}: {error.strerror or error}") from None
     return paths

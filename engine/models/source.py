@@ -185,7 +185,11 @@ class ModelSource:
                 model_dir=str(self.folder.root.absolute()),
                 pipeline_class=self.folder.pipeline_class,
                 variant=self.folder.variant,
-                weights={name: str(w.path.absolute()) for name, w in self.folder.weights.items()},
+                weights={  # the files this export read: a swapped VAE is under "vae" above instead
+                    name: str(w.path.absolute())
+                    for name, w in self.folder.weights.items()
+                    if not (name == "vae" and self.vae_identity)
+                },
             )
         return source
 
@@ -275,20 +279,26 @@ def _checkpoint_source(path: Path, options: SourceOptions) -> ModelSource:
 
 def _with_vae(source: ModelSource, vae_path: Path) -> ModelSource:
     """The source with its VAE config replaced by the swapped-in VAE's (scaling factor included);
-    a single-file VAE is checked against the model's own VAE architecture."""
+    a single-file VAE is checked against the model's own VAE architecture. The VAE's identity is its
+    name (see :func:`vae_name`) and the sha256 of the weights file it was read from."""
     from engine.models.checkpoint.vae import read_vae
 
     vae = read_vae(vae_path, config=source.configs["vae"])
+    identity = ModelIdentity(vae_name(vae_path), sha256_file(vae.weights_path), FILE_HASH_SCHEME)
+    # A checkpoint source already said so in its notes (it reads the VAE itself).
+    notes = source.notes if source.checkpoint else (*source.notes, f"VAE replaced by {vae_path}")
     return replace(
-        source,
-        configs={**source.configs, "vae": dict(vae.config)},
-        vae_identity=ModelIdentity(
-            vae_path.stem if vae_path.is_file() else vae_path.name,
-            sha256_file(vae.weights_path),
-            FILE_HASH_SCHEME,
-        ),
-        notes=(*source.notes, f"VAE replaced by {vae_path}"),
+        source, configs={**source.configs, "vae": dict(vae.config)}, vae_identity=identity, notes=notes
     )
+
+
+def vae_name(path: Path) -> str:
+    """A1111's ``VAE`` name: a file's stem; a folder's name, or its parent's when it is a model's
+    ``vae/`` subfolder (``sd-vae-ft-mse/`` -> "sd-vae-ft-mse", ``my-model/vae/`` -> "my-model")."""
+    if path.is_file():
+        return path.stem
+    absolute = path.absolute()
+    return absolute.parent.name if absolute.name == "vae" else absolute.name
 
 
 def source_from_manifest(manifest: Manifest) -> ModelSource:

@@ -30,6 +30,7 @@ pixels by default) still applies, so a ``max_pixels`` above it is capped there.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,7 +126,7 @@ def _decode(image: Image.Image, max_pixels: int, what: str) -> Image.Image:
     if width * height > max_pixels:
         raise RequestError(
             f"cannot read {what}: {width}x{height} is {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}; downscale it first"
+            f"{max_pixels:,} pixels; downscale it"
         )
     if width == 0 or height == 0:
         raise RequestError(f"cannot read {what}: it has no pixels ({width}x{height})")
@@ -148,8 +149,12 @@ def _unreadable(what: str, error: Exception, max_pixels: int) -> RequestError:
     from PIL import Image
 
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if isinstance(error, Image.DecompressionBombError):
-        return RequestError(f"cannot read {what}: over the limit of {max_pixels:,} pixels ({reason})")
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's own hard limit, above ours
+        claimed = re.search(r"\((\d+) pixels\)", reason)
+        size = f"its header claims {int(claimed.group(1)):,} pixels" if claimed else "it is too large"
+        return RequestError(
+            f"cannot read {what}: {size}, over the limit of {max_pixels:,} pixels; downscale it"
+        )
     if isinstance(error, OSError) and error.errno is not None:  # the file system, not the data
         return RequestError(f"cannot read {what}: {error.strerror or reason}")
     return RequestError(f"cannot read {what}: truncated or corrupt data ({reason})")

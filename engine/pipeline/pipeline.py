@@ -42,6 +42,18 @@ class GenerationResult:
     timings: dict[str, float]  # milliseconds
     latents: np.ndarray | None = field(default=None, repr=False)  # final latents, before the VAE
 
+    def infotext(self, index: int) -> str:
+        """A1111 infotext of image ``index`` (its own seed and batch position), for PNG Info."""
+        from engine.infotext import format_infotext
+
+        return format_infotext({**self.parameters, "seed": self.seeds[index], "batch_pos": index})
+
+    def save(self, index: int, path: str | Path) -> Path:
+        """Write image ``index`` as a PNG carrying its infotext (atomically; see infotext.save_png)."""
+        from engine.infotext import save_png
+
+        return save_png(self.images[index], path, self.infotext(index))
+
 
 class Pipeline:
     """Generate images from an engine folder on one backend."""

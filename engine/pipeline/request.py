@@ -90,7 +90,7 @@ class GenerationRequest:
             _check_number(name, getattr(self, name), low, high, closed)
         set_field = object.__setattr__
         set_field(self, "sampler", _sampler(self.sampler))
-        set_field(self, "seed", _seed(self.seed))
+        set_field(self, "seed", _seed(self.seed, len(self.prompts) * int(self.batch_size)))
         set_field(self, "prompts", tuple(self.prompts))
         set_field(self, "negative_prompts", tuple(self.negative_prompts))
         for name in _INTEGERS:
@@ -236,13 +236,19 @@ def _sampler(name: Any) -> str:
         raise RequestError(str(error)) from None
 
 
-def _seed(seed: Any) -> int:
+def _seed(seed: Any, count: int) -> int:
+    """The first of ``count`` consecutive seeds (image i gets seed + i): every one of them must be a
+    seed a request accepts, so a recorded seed always replays; -1 / None picks one at random."""
+    top = MAX_SEED - count + 1
     if seed is None or (_is_int(seed) and seed == RANDOM_SEED):
-        return secrets.randbelow(MAX_SEED + 1)
-    _require(
-        _is_int(seed) and 0 <= seed <= MAX_SEED, "seed", f"-1 (random) or an integer in 0..{MAX_SEED}", seed
-    )
+        return secrets.randbelow(top + 1)
+    _require(_is_int(seed) and 0 <= seed <= top, "seed", _seed_range(top, count), seed)
     return int(seed)
+
+
+def _seed_range(top: int, count: int) -> str:
+    span = f" (its {count} images take seed..seed+{count - 1})" if count > 1 else ""
+    return f"-1 (random) or an integer in 0..{top}{span}"
 
 
 def _latents_array(latents: Any) -> np.ndarray:

@@ -111,18 +111,35 @@ def test_random_seed_is_reported_and_recorded(
     assert _infotext(out)["Seed"] == seed and 0 <= int(seed) <= 2**32 - 1
 
 
-def test_seeds_past_the_largest_and_sampler_spelling(capsys, tiny_engine: Path, tmp_path: Path) -> None:
-    """Image i gets seed + i even past 2**32 - 1 (torch takes 64-bit seeds); the sampler is recorded
-    under its canonical name however it was typed."""
+def test_last_seeds_and_sampler_spelling(capsys, tiny_engine: Path, tmp_path: Path) -> None:
+    """Image i gets seed + i up to 2**32 - 1 and records it (so every recorded seed replays); a batch
+    that would pass it is one line; the sampler is recorded under its canonical name however typed."""
     out = tmp_path / "edge.png"
     code, stdout, err = _generate(
-        capsys, str(tiny_engine), "fog", "--steps", "1", "--size", "64x64", "--seed", str(2**32 - 1),
+        capsys, str(tiny_engine), "fog", "--steps", "1", "--size", "64x64", "--seed", str(2**32 - 2),
         "--batch", "2", "--sampler", " euler  A ", "-o", str(out),
     )  # fmt: skip
     assert code == 0, err
-    assert [line.split("  ")[1] for line in stdout.splitlines()] == ["seed 4294967295", "seed 4294967296"]
+    assert [line.split("  ")[1] for line in stdout.splitlines()] == ["seed 4294967294", "seed 4294967295"]
     info = _infotext(tmp_path / "edge-1.png")
-    assert (info["Seed"], info["Sampler"]) == ("4294967296", "Euler a")
+    assert (info["Seed"], info["Sampler"]) == ("4294967295", "Euler a")
+    code, stdout, err = _generate(
+        capsys,
+        str(tiny_engine),
+        "fog",
+        "--steps",
+        "1",
+        "--seed",
+        str(2**32 - 1),
+        "--batch",
+        "2",
+        "-o",
+        str(out),
+    )
+    assert code == 1 and err.strip() == (
+        "sd-engine: error: seed must be -1 (random) or an integer in 0..4294967294 "
+        "(its 2 images take seed..seed+1), got 4294967295"
+    )
 
 
 def test_img2img_records_denoising_strength_and_clip_skip(

@@ -135,7 +135,7 @@ def test_manifest_and_infotext_carry_the_a1111_identity(sd1: Sd1Export) -> None:
     vae_hash = hashlib.sha256(vae_weights.read_bytes()).hexdigest()[:10]
     result = Pipeline.load(sd1.result.engine_dir).generate(PROMPT, steps=1, width=64, height=64, seed=1)
     infotext = format_infotext({**result.parameters, "seed": 1})
-    assert f"Model hash: {sha256[:10]}, Model: dreamy-v2, VAE hash: {vae_hash}, VAE: vae" in infotext
+    assert f"Model hash: {sha256[:10]}, Model: dreamy-v2, VAE hash: {vae_hash}, VAE: other" in infotext
 
 
 def test_sd2_v_prediction_checkpoint_from_its_yaml(tiny_v_model: Path, tmp_path: Path) -> None:
@@ -168,7 +168,8 @@ def test_vae_swap_on_a_folder_loads_the_other_vae(tiny_model: Path, tmp_path: Pa
     expected = diffusers.AutoencoderKL.from_pretrained(other).state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)
-    assert source.vae_identity is not None and source.vae_identity.name == "vae"
+    assert source.vae_identity is not None and source.vae_identity.name == "other"  # other/vae
+    assert "vae" not in source.manifest_source()["weights"]  # the folder's own VAE was not read
 
 
 def test_prompt_longer_than_clip_reads_warns(tiny_engine: Path, caplog: pytest.LogCaptureFixture) -> None:

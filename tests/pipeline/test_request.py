@@ -46,7 +46,7 @@ def requests(draw: st.DrawFn) -> GenerationRequest:
         width=draw(st.integers(1, 4096)),
         height=draw(st.integers(1, 4096)),
         sampler=_respell(draw(st.sampled_from(schedulers.names())), draw),
-        seed=draw(st.none() | st.integers(-1, MAX_SEED)),
+        seed=draw(st.none() | st.integers(-1, MAX_SEED - 1000)),  # room for every image's seed + i
         batch_size=draw(st.integers(1, 64)),
         latents=latents,
         image=image,
@@ -107,10 +107,20 @@ def test_random_seed_is_chosen_once_and_recorded(seed: int | None) -> None:
     assert GenerationRequest(("a",), ("",)).seed >= 0  # the default is random too
 
 
-@pytest.mark.parametrize("seed", [0, 7, MAX_SEED])
-def test_explicit_seed_is_kept_and_images_may_run_past_the_largest(seed: int) -> None:
+@pytest.mark.parametrize("seed", [0, 7, MAX_SEED - 3])
+def test_explicit_seed_is_kept_and_each_image_gets_the_next(seed: int) -> None:
     request = GenerationRequest.create(["a", "b"], seed=seed, batch_size=2)
     assert request.seed == seed and request.seeds == [seed, seed + 1, seed + 2, seed + 3]
+
+
+def test_every_image_seed_stays_replayable() -> None:
+    """Image i gets seed + i and records it: each recorded seed must be one a request accepts."""
+    with pytest.raises(RequestError, match=r"seed must be -1 \(random\) or an integer in 0\.\.4294967292 "):
+        GenerationRequest.create(["a", "b"], seed=MAX_SEED - 2, batch_size=2)
+    for _ in range(50):
+        assert max(GenerationRequest.create("a", seed=-1, batch_size=64).seeds) <= MAX_SEED
+    last = GenerationRequest.create("a", seed=MAX_SEED, batch_size=1)  # one image: the whole range
+    assert last.seeds == [MAX_SEED]
 
 
 @settings(max_examples=100)
