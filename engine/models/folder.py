@@ -151,8 +151,12 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             if len(raw) < 8:
                 raise ModelFolderError(f"corrupt weights file {path}: {len(raw)} bytes, too short")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise ModelFolderError(f"corrupt weights file {path}: header length {length}")
+            size = path.stat().st_size
+            if length > min(100_000_000, size - 8):
+                raise ModelFolderError(
+                    f"not a safetensors file, or a corrupt one: {path} (its first 8 bytes give a header of "
+                    f"{length:,} bytes; the file has {size:,})"
+                )
             header = json.loads(handle.read(length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelFolderError(f"corrupt weights file {path}: {error}") from None

@@ -441,9 +441,16 @@ def test_bad_paths_and_options_are_one_line(sd1: Path, tmp_path: Path) -> None:
     one_line_error("unknown weights type", lambda: inspect_checkpoint(other))
     one_line_error("unknown prediction type", lambda: SourceOptions(prediction_type="sample"))
     one_line_error(
-        "config folder not found",
+        "--config .* not found: give a diffusers model folder",
         lambda: inspect_checkpoint(sd1, SourceOptions(config_dir=tmp_path / "no")),
     )
+    one_line_error(
+        "--config .* is not a folder: give a diffusers model folder",
+        lambda: inspect_checkpoint(sd1, SourceOptions(config_dir=sd1)),
+    )
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(256)) * 64)
+    one_line_error("not a safetensors file, or a corrupt one", lambda: inspect_checkpoint(noise))
     one_line_error(
         "VAE not found", lambda: inspect_checkpoint(sd1, SourceOptions(vae=tmp_path / "no.safetensors"))
     )

@@ -243,7 +243,8 @@ def _preset_configs(family: str) -> dict[str, dict[str, Any]]:
 
 def _folder_configs(config_dir: Path) -> tuple[dict[str, dict[str, Any]], Path | None]:
     if not config_dir.is_dir():
-        raise ModelFolderError(f"config folder not found: {config_dir}")
+        what = "is not a folder" if config_dir.exists() else "not found"
+        raise ModelFolderError(f"--config {config_dir} {what}: give a diffusers model folder")
     configs = {
         name: read_json(config_dir / name / file, f"config folder {name}")
         for name, file in (
