@@ -36,7 +36,14 @@ from engine.errors import BuildError, EngineError, EngineFolderError
 from engine.manifest import Manifest
 from engine.runtime import Graph
 from engine.specs import GraphSpec, Network, check_inputs
-from engine.tensorrt.env import check_environment, cuda_check, error_count, errors_since, trt_logger
+from engine.tensorrt.env import (
+    check_environment,
+    cuda_check,
+    error_count,
+    errors_since,
+    native_handle,
+    trt_logger,
+)
 from engine.tensorrt.plans import PLAN_DIR, GpuInfo, key_mismatch, read_plan_index, read_sidecar
 
 log = logging.getLogger(__name__)
@@ -224,7 +231,7 @@ class TrtOps:
         for name in buffers.copied_in:
             args = (buffers.device[name], buffers.host_ptrs[name], buffers.nbytes[name], to_device, stream)
             cuda_check(cudart.cudaMemcpyAsync(*args), "cudaMemcpyAsync")
-        if not self.context.execute_async_v3(int(stream)):
+        if not self.context.execute_async_v3(native_handle(stream)):
             raise EngineError(f"{self.spec.network.value}: TensorRT execute_async_v3 failed")
         for name in self.spec.output_names:
             args = (buffers.host_ptrs[name], buffers.device[name], buffers.nbytes[name], to_host, stream)
@@ -252,7 +259,7 @@ class TrtOps:
             self._enqueue(buffers)
         except BaseException:  # end the capture (the stream is unusable inside one), keep the first error
             error, partial = cudart.cudaStreamEndCapture(self.stream)
-            if int(error) == 0 and partial:
+            if int(error) == 0 and partial is not None and native_handle(partial) != 0:
                 cudart.cudaGraphDestroy(partial)
             raise
         graph = cuda_check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
@@ -374,7 +381,7 @@ class TrtGraph:
             before = error_count(logger)
             failure: Exception | None = None
             try:  # the Python bindings raise on failure where C++ returns false
-                accepted = context.set_optimization_profile_async(index, int(self._stream))
+                accepted = context.set_optimization_profile_async(index, native_handle(self._stream))
             except RuntimeError as error:
                 accepted, failure = False, error
             if not accepted:
