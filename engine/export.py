@@ -1,4 +1,5 @@
-"""Export's face: a diffusers model folder -> a parity-gated ONNX engine folder.
+"""Export's face: a diffusers model folder -> a parity-gated ONNX engine folder, or with
+``ExportSettings(torch_only=True)`` a manifest and tokenizer only, for the torch backends.
 
 The implementation lives in :mod:`engine.onnx` (tracing, conversion and parity gate, the fused-guidance
 graph, attention fusion for ONNX Runtime).

@@ -2,6 +2,10 @@
 
 Written last by export (inside its temporary folder), read first by the runtime, which refuses a
 folder whose format version it does not know.
+
+A folder exported with ``--torch-only`` has the same manifest with no ONNX files: every graph's
+``file`` and ``sha256`` are null and its parity is empty. The torch backends need only the specs and
+the source model the manifest names; whatever reads ONNX files calls :func:`require_onnx` first.
 """
 
 from __future__ import annotations
@@ -49,18 +53,33 @@ class Variant:
 class GraphEntry:
     """One exported network: its files, interface, precision and parity numbers.
 
+    file, sha256: the ONNX graph and its content hash; both None in a ``--torch-only`` export (no
+    ONNX: see :attr:`has_onnx`), which then has no external data, variant or parity either.
     onnxruntime: the graph ONNX Runtime runs instead of ``file`` when present (attention fused into
     its contrib op, which TensorRT cannot parse: TensorRT builds from ``file``).
     """
 
-    file: str
-    sha256: str
+    file: str | None
+    sha256: str | None
     spec: GraphSpec
     precision: Precision
     external_data: str | None = None
     parity: Mapping[str, Any] = field(default_factory=dict)
     exporter: Mapping[str, str] = field(default_factory=dict)
     onnxruntime: Variant | None = None
+
+    def __post_init__(self) -> None:
+        if self.file is None and (self.sha256 or self.external_data or self.onnxruntime):
+            raise ValueError(
+                f"{self.spec.network.value}: a graph without an ONNX file has no hash or variant"
+            )
+        if self.file is not None and self.sha256 is None:
+            raise ValueError(f"{self.spec.network.value}: an ONNX file needs its sha256")
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether the folder holds this network as an ONNX graph (False: exported ``--torch-only``)."""
+        return self.file is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,8 +96,8 @@ class GraphEntry:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> GraphEntry:
         return GraphEntry(
-            file=str(data["file"]),
-            sha256=str(data["sha256"]),
+            file=_optional_str(data["file"]),
+            sha256=_optional_str(data["sha256"]),
             spec=GraphSpec.from_json(data["spec"]),
             precision=Precision(data["precision"]),
             external_data=data.get("external_data"),
@@ -86,6 +105,10 @@ class GraphEntry:
             exporter=dict(data.get("exporter", {})),
             onnxruntime=Variant.from_json(data["onnxruntime"]) if data.get("onnxruntime") else None,
         )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,11 @@ class Manifest:
             "source": dict(self.source),
             "graphs": {network.value: entry.to_json() for network, entry in self.graphs.items()},
         }
+
+    @property
+    def torch_only(self) -> bool:
+        """Whether the folder was exported ``--torch-only``: a graph without an ONNX file."""
+        return any(not entry.has_onnx for entry in self.graphs.values())
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
@@ -171,8 +199,23 @@ def read_manifest(engine_dir: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as error:
         raise EngineFolderError(f"corrupt {path}: bad or missing field {error}") from None
     for entry in manifest.graphs.values():
-        files = [entry.file] + ([entry.onnxruntime.file] if entry.onnxruntime else [])
+        files = [entry.file] if entry.file is not None else []
+        files += [entry.onnxruntime.file] if entry.onnxruntime else []
         for file in files:
             if not (root / file).is_file():
                 raise EngineFolderError(f"engine folder {root} is missing {file}")
     return manifest
+
+
+def require_onnx(engine_dir: str | Path, manifest: Manifest, user: str) -> None:
+    """One-line EngineFolderError when the folder has no ONNX graphs (exported ``--torch-only``).
+
+    user: what needs them, for the message, e.g. "the onnxruntime backend" or "`sd-engine build`".
+    Called by everything that reads ``GraphEntry.file`` before it reads one.
+    """
+    if manifest.torch_only:
+        raise EngineFolderError(
+            f"{user} cannot use engine folder {Path(engine_dir)}: it was exported with --torch-only "
+            "(no ONNX graphs) and runs only with --backend torch or torch-cuda; export again without "
+            "--torch-only for onnxruntime / openvino / tensorrt"
+        )

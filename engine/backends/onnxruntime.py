@@ -40,6 +40,7 @@ from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_back
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.hashing import graph_content_hash, json_digest
 from engine.machine import machine_fingerprint, physical_cores
+from engine.manifest import require_onnx
 from engine.specs import GraphSpec, Network, check_inputs
 
 if TYPE_CHECKING:
@@ -506,7 +507,9 @@ def open_engine(
     engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
 ) -> Callable[[Network], OrtGraph]:
     """A loader of the engine folder's graphs (options: see :class:`OrtOptions`); the attention-fused
-    variant where the folder has one, optimized graphs cached under ``ENGINE_DIR/.cache/onnxruntime``."""
+    variant where the folder has one, optimized graphs cached under ``ENGINE_DIR/.cache/onnxruntime``.
+    A folder exported ``--torch-only`` has no graphs to load: one-line EngineFolderError."""
+    require_onnx(engine_dir, manifest, "the onnxruntime backend")
     backend = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
     cache_dir = Path(engine_dir) / ".cache" / "onnxruntime"
 

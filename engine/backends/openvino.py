@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.backends.options import CPU, Device, DeviceKind, parse_backend_options
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
-from engine.manifest import Manifest
+from engine.manifest import Manifest, require_onnx
 from engine.runtime import OVERFLOW_HINT, Graph, nonfinite_names
 from engine.specs import GraphSpec, Network, Precision, check_inputs
 
@@ -137,7 +137,8 @@ def open_engine(
     engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
 ) -> Callable[[Network], Graph]:
     """A loader of the engine folder's standard ONNX graphs compiled by OpenVINO for the CPU (options:
-    see :class:`OpenVinoOptions`)."""
+    see :class:`OpenVinoOptions`); a folder exported ``--torch-only`` has none: one-line EngineFolderError."""
+    require_onnx(engine_dir, manifest, "the openvino backend")
     opts = parse_backend_options(OpenVinoOptions, options, "openvino")
     check_options(opts)
     ov = import_openvino()

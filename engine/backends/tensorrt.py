@@ -33,7 +33,7 @@ import numpy as np
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
 from engine.errors import BuildError, EngineError, EngineFolderError
-from engine.manifest import Manifest
+from engine.manifest import Manifest, require_onnx
 from engine.runtime import Graph
 from engine.specs import GraphSpec, Network, check_inputs
 from engine.tensorrt.env import (
@@ -417,6 +417,7 @@ def open_engine(
     engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
 ) -> Callable[[Network], Graph]:
     """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
+    require_onnx(engine_dir, manifest, "the tensorrt backend")
     opts = parse_backend_options(TrtOptions, options, "tensorrt")
     trt, cudart, gpu = check_environment(opts.device.index)
     root = Path(engine_dir)

@@ -1,4 +1,5 @@
-"""`sd-engine export MODEL ENGINE_DIR`: parity-gated ONNX graphs."""
+"""`sd-engine export MODEL ENGINE_DIR`: parity-gated ONNX graphs (``--torch-only``: none, for the torch
+backends)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         precision=Precision.FP16 if args.fp16 else Precision.FP32,
         networks=networks,
         overwrite=args.overwrite,
+        torch_only=args.torch_only,
     )
     start = time.perf_counter()
     options = SourceOptions(
@@ -31,6 +33,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_model(args.model, args.engine_dir, settings, progress=say, options=options)
     elapsed = time.perf_counter() - start
     count = len(result.manifest.graphs)
+    if settings.torch_only:
+        say(
+            f"wrote the manifest of {count} network{'s' if count != 1 else ''} and the tokenizer to "
+            f"{result.engine_dir} in {elapsed:.1f} s, no ONNX graphs (--torch-only): run it with "
+            "--backend torch or torch-cuda"
+        )
+        return 0
     say(f"exported {count} graph{'s' if count != 1 else ''} to {result.engine_dir} in {elapsed:.1f} s")
     for network, entry in result.manifest.graphs.items():
         say(f"  {network.value:13s} {entry.precision.value}  {parity_line(entry.parity)}")
@@ -52,7 +61,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     from engine.specs import Network
 
     cmd = commands.add_parser(
-        "export", help="diffusers folder or single-file checkpoint -> parity-gated ONNX engine folder"
+        "export",
+        help="diffusers folder or single-file checkpoint -> parity-gated ONNX engine folder "
+        "(--torch-only: no ONNX, for the torch backends)",
     )
     cmd.add_argument(
         "model",
@@ -69,6 +80,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--networks", nargs="+", choices=[n.value for n in Network], help="export only these (default: all)"
     )
     cmd.add_argument("--overwrite", action="store_true", help="replace an existing ENGINE_DIR")
+    cmd.add_argument(
+        "--torch-only",
+        action="store_true",
+        help="write no ONNX graphs, only the manifest and tokenizer (seconds, not minutes): the folder runs "
+        "only with --backend torch or torch-cuda, which load MODEL itself (keep it where it is); "
+        "onnxruntime, openvino and `sd-engine build` refuse it",
+    )
     cmd.add_argument(
         "--vae",
         type=Path,

@@ -4,6 +4,10 @@ One ``convert_network`` per network through the thin wrappers of :mod:`engine.mo
 ending in a parity gate (ONNX Runtime vs torch on fresh random inputs at two shapes) that raises
 with the numbers. Everything is written into a temporary folder that is renamed into place only
 when every graph passed, so an interrupted export never leaves a folder that looks complete.
+
+``ExportSettings(torch_only=True)`` writes only the manifest (every network's spec, no ONNX file) and
+the tokenizer, in seconds: the folder runs on the torch backends, which load the source model the
+manifest names, and nothing that needs ONNX graphs (see :func:`engine.manifest.require_onnx`).
 """
 
 from __future__ import annotations
@@ -67,18 +71,30 @@ PARITY_SHAPES = ((2, 8, 8, 77), (1, 9, 7, 154))
 
 @dataclass(frozen=True)
 class ExportSettings:
+    """What to export and how.
+
+    torch_only: write no ONNX (manifest and tokenizer only, no parity gate): the folder runs only on
+    the torch and torch-cuda backends, which choose their own precision (so fp16 is refused with it).
+    """
+
     precision: Precision = Precision.FP32
     networks: tuple[Network, ...] = tuple(Network)
     overwrite: bool = False
     # fp16 graphs keep the VAE in fp32: the SD VAE overflows in fp16.
     fp32_networks: tuple[Network, ...] = (Network.VAE_DECODER, Network.VAE_ENCODER)
     parity_threshold: float | None = None
+    torch_only: bool = False
 
     def __post_init__(self) -> None:
         ordered = tuple(n for n in Network if n in self.networks)  # unet before the unet_cfg derived from it
         object.__setattr__(self, "networks", ordered)
         if Network.UNET_CFG in ordered and Network.UNET not in ordered:
             raise EngineError("the unet_cfg graph is derived from the unet graph: export unet with it")
+        if self.torch_only and self.precision is not Precision.FP32:
+            raise EngineError(
+                "--fp16 has no effect with --torch-only (no ONNX graphs): the torch-cuda backend runs "
+                "fp16 by its precision option"
+            )
 
     def precision_of(self, network: Network) -> Precision:
         return Precision.FP32 if network in self.fp32_networks else self.precision
@@ -119,9 +135,10 @@ def export_model(
     """
     source = open_model_source(model, options or SourceOptions())
     target = Path(engine_dir).absolute()
+    export = _export_torch_only if settings.torch_only else _export_into
     with staged_folder(target, settings.overwrite) as tmp:
         report_source(source, progress)
-        manifest, seconds = _export_into(source, tmp, settings, progress)
+        manifest, seconds = export(source, tmp, settings, progress)
     return ExportResult(target, manifest, seconds)
 
 
@@ -169,6 +186,35 @@ def _export_into(
     manifest = build_manifest(model, dims, graphs)
     write_manifest(out, manifest)
     return manifest, seconds
+
+
+def _export_torch_only(
+    model: ModelSource, out: Path, settings: ExportSettings, progress: Callable[[str], None]
+) -> tuple[Manifest, dict[str, float]]:
+    """Manifest and tokenizer only: each network's spec with no ONNX file (nothing traced or loaded;
+    :func:`engine.models.source.open_model_source` already checked the weights against the configs)."""
+    start = time.perf_counter()
+    progress(
+        "--torch-only: writing no ONNX graphs, only the manifest and tokenizer (runs on --backend "
+        "torch / torch-cuda)"
+    )
+    dims = model_dims(model)
+    specs = graph_specs(dims)
+    model.write_tokenizer(out / TOKENIZER_DIR)
+    versions = torch_only_versions()
+    graphs = {
+        network: GraphEntry(
+            file=None,
+            sha256=None,
+            spec=specs[network],
+            precision=settings.precision_of(network),
+            exporter=versions,
+        )
+        for network in settings.networks
+    }
+    manifest = build_manifest(model, dims, graphs)
+    write_manifest(out, manifest)
+    return manifest, {"manifest": time.perf_counter() - start}
 
 
 def build_manifest(model: ModelSource, dims: ModelDims, graphs: dict[Network, GraphEntry]) -> Manifest:
@@ -371,6 +417,19 @@ def run_torch(module: Any, spec: GraphSpec, feeds: Mapping[str, np.ndarray]) -> 
         out = module(*(torch.from_numpy(feeds[name]) for name in spec.input_names))
     outputs = out if isinstance(out, tuple) else (out,)
     return {name: o.float().numpy() for name, o in zip(spec.output_names, outputs, strict=True)}
+
+
+def torch_only_versions() -> dict[str, str]:
+    """What a ``--torch-only`` export records as its exporter: no ONNX tools, no imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"exporter": "none (--torch-only: no ONNX)"}
+    for package in ("torch", "diffusers", "transformers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
 
 
 def tool_versions() -> dict[str, str]:

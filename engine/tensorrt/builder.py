@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BuildError, BuildOutOfMemoryError, EngineFolderError, ParityError
-from engine.manifest import Manifest, read_manifest, write_manifest
+from engine.manifest import Manifest, read_manifest, require_onnx, write_manifest
 from engine.specs import (
     GraphSpec,
     ModelDims,
@@ -346,12 +346,14 @@ def build_engine(
     progress: Callable[[str], None] = log.info,
     device: int = 0,
 ) -> list[PlanResult]:
-    """Build (or reuse) every plan of an engine folder; raise ParityError if one failed its gate.
+    """Build (or reuse) every plan of an engine folder; raise ParityError if one failed its gate, a
+    one-line EngineFolderError for a folder exported ``--torch-only`` (no ONNX to build from).
 
     Whatever happens, the plans finished so far are indexed and the timing cache is saved.
     """
     root = Path(engine_dir)
     manifest = read_manifest(root)
+    require_onnx(root, manifest, "`sd-engine build` (TensorRT builds from the ONNX graphs)")
     targets = plan_targets(manifest, settings)
     if not settings.profiles:
         raise BuildError("no shape profile to build")
