@@ -514,6 +514,17 @@ def test_cast_boundary_keeps_float32_at_the_edges() -> None:
 
 
 @pytest.fixture(scope="module")
+def tiny_torch_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch-only engine folder (manifest and tokenizer, no ONNX): all the torch backends read, made in
+    seconds, where the ONNX export of ``tiny_engine`` takes a minute of the GPU slot and depends on the
+    GPU image's onnx / onnxscript versions."""
+    from engine.export import ExportSettings, export_model
+
+    folder = tmp_path_factory.mktemp("engines") / "tiny-torch"
+    return export_model(tiny_model, folder, ExportSettings(torch_only=True)).engine_dir
+
+
+@pytest.fixture(scope="module")
 def tiny_source(tiny_model: Path) -> Any:
     from engine.models.folder import inspect_model_folder
     from engine.models.torch_modules import load_source_model
@@ -552,8 +563,8 @@ def test_torch_cuda_graph_replays_match_the_cpu(tiny_source: Any, precision: str
     spec = unet_spec(ModelDims(text_hidden_size=hidden))
     options = TorchCudaOptions(precision=Precision(precision), warmup=1)
     source = copy.deepcopy(tiny_source)  # moving to the GPU and to fp16 happens in place
-    module = network_module(source, spec, "cuda", precision == "fp16")
-    graph = TorchCudaGraph(spec, module, options, capture=True)
+    module = network_module(source, spec, options.device, options.precision)
+    graph = TorchCudaGraph(spec, module, options, options.precision, capture=True)
     rng = np.random.default_rng(6)
     for batch, height, width in [(2, 8, 8)] * 4 + [(2, 9, 7)] * 3:
         feeds = _unet_feeds(rng, batch, height, width, hidden)
@@ -565,12 +576,12 @@ def test_torch_cuda_graph_replays_match_the_cpu(tiny_source: Any, precision: str
 
 @pytest.mark.gpu
 @needs_cuda
-def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_engine: Path) -> None:
+def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_torch_engine: Path) -> None:
     from engine.pipeline.guidance import guide
     from engine.pipeline.request import GenerationRequest
 
-    manifest = read_manifest(tiny_engine)
-    load = open_backend("torch-cuda", tiny_engine, manifest, {"warmup": 1})
+    manifest = read_manifest(tiny_torch_engine)
+    load = open_backend("torch-cuda", tiny_torch_engine, manifest, {"warmup": 1})
     unet, fused_unet = load(Network.UNET), load(Network.UNET_CFG)
     assert fused_unet.ops.module.unet is unet.ops.module  # one set of fp16 weights
     rng = np.random.default_rng(7)
@@ -603,20 +614,21 @@ def test_fused_guidance_on_the_gpu_matches_run_and_guide(tiny_engine: Path) -> N
 
 @pytest.mark.gpu
 @needs_cuda
-def test_torch_cuda_copies_bound_constants_once(tiny_engine: Path) -> None:
-    manifest = read_manifest(tiny_engine)
-    unet = open_backend("torch-cuda", tiny_engine, manifest, {"warmup": 1})(Network.UNET_CFG)
+def test_torch_cuda_copies_bound_constants_once(tiny_torch_engine: Path) -> None:
+    manifest = read_manifest(tiny_torch_engine)
+    unet = open_backend("torch-cuda", tiny_torch_engine, manifest, {"warmup": 1})(Network.UNET_CFG)
     rng = np.random.default_rng(17)
     hidden = manifest.dims.text_hidden_size
     constants = {
         "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
         "guidance_scale": np.array([7.5], np.float32),
     }
-    steps = [_unet_feeds(rng, 1, 8, 8, hidden) for _ in range(4)]
-    expected = [unet.run({**constants, **feeds})["guided_noise"] for feeds in steps]
+    names = ("sample", "timestep")  # _unet_feeds' own (batch-1) embeddings must not replace the constants
+    draws = [_unet_feeds(rng, 1, 8, 8, hidden) for _ in range(4)]
+    steps = [{name: feeds[name] for name in names} for feeds in draws]
+    expected = [unet.run({**constants, **varying})["guided_noise"] for varying in steps]
     with bound(unet, constants) as run:
-        for step, feeds in enumerate(steps):
-            varying = {"sample": feeds["sample"], "timestep": feeds["timestep"]}
+        for step, varying in enumerate(steps):
             before = unet.runner.stats.bytes_in
             np.testing.assert_allclose(run(varying)["guided_noise"], expected[step], rtol=1e-3, atol=1e-3)
             copied = unet.runner.stats.bytes_in - before
@@ -625,10 +637,12 @@ def test_torch_cuda_copies_bound_constants_once(tiny_engine: Path) -> None:
     assert unet.runner.constants == {} and unet.providers[0].endswith(":cuda-graph")
 
 
-def _reference_image(engine_dir: Path, **settings: Any) -> Any:
+def _reference_image(engine_dir: Path, backend: str, **settings: Any) -> Any:
+    """The first image of an fp32 CPU pipeline (``torch``: the source modules; ``onnxruntime``: the
+    exported graphs) on the same settings."""
     from engine.pipeline import Pipeline
 
-    return Pipeline.load(engine_dir).generate("a lighthouse", **settings).images[0]
+    return Pipeline.load(engine_dir, backend).generate("a lighthouse", **settings).images[0]
 
 
 SETTINGS = {"steps": 12, "width": 64, "height": 64, "seed": 3, "sampler": "Euler a", "guidance_scale": 7.5}
@@ -639,12 +653,15 @@ SETTINGS = {"steps": 12, "width": 64, "height": 64, "seed": 3, "sampler": "Euler
 @pytest.mark.parametrize(
     ("options", "min_psnr"), [({"precision": "fp32"}, 30.0), ({}, 22.0), ({"vae_precision": "fp16"}, 22.0)]
 )
-def test_torch_cuda_pipeline_matches_onnxruntime(tiny_engine: Path, options: dict, min_psnr: float) -> None:
+def test_torch_cuda_pipeline_matches_the_cpu_reference(
+    tiny_torch_engine: Path, options: dict, min_psnr: float
+) -> None:
     from engine.pipeline import Pipeline
 
-    manifest = read_manifest(tiny_engine)
-    pipe = Pipeline(tiny_engine, manifest, open_backend("torch-cuda", tiny_engine, manifest, options))
-    reference = _reference_image(tiny_engine, **SETTINGS)
+    engine = tiny_torch_engine
+    manifest = read_manifest(engine)
+    pipe = Pipeline(engine, manifest, open_backend("torch-cuda", engine, manifest, options))
+    reference = _reference_image(engine, "torch", **SETTINGS)
     for _ in range(2):  # the second run replays the captured UNet graph from its first step
         image = pipe.generate("a lighthouse", **SETTINGS).images[0]
         assert psnr(reference, image, peak=255) >= min_psnr
@@ -759,7 +776,7 @@ def test_trt_pipeline_matches_onnxruntime(trt_engine: Path) -> None:
     from engine.pipeline import Pipeline
 
     manifest = read_manifest(trt_engine)
-    reference = _reference_image(trt_engine, **SETTINGS)
+    reference = _reference_image(trt_engine, "onnxruntime", **SETTINGS)
     for fused in (True, False):
         pipe = Pipeline(trt_engine, manifest, open_backend("tensorrt", trt_engine, manifest), fused_cfg=fused)
         image = pipe.generate("a lighthouse", **SETTINGS).images[0]
