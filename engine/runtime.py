@@ -123,6 +123,11 @@ class BackendName(str, Enum):
         """Whether the ``cuda_graph`` option means anything to this backend."""
         return self.info.cuda_graph
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the ``compile`` option (``torch.compile`` of the UNet) means anything to this backend."""
+        return self.info.compiles
+
     @classmethod
     def parse(cls, name: BackendName | str) -> BackendName:
         """The backend of a name, or a one-line EngineError listing the valid names."""
@@ -138,13 +143,15 @@ class BackendInfo:
     """What the registry knows about a backend without importing it.
 
     module: the module whose ``open_engine`` opens it; devices: where it can run (the first is its
-    default); cuda_graph: whether it can replay networks as CUDA graphs.
+    default); cuda_graph: whether it can replay networks as CUDA graphs; compiles: whether it can run the
+    UNet through ``torch.compile`` (the ``compile`` option).
     """
 
     module: str
     devices: tuple[DeviceKind, ...]
     cuda_graph: bool
     summary: str
+    compiles: bool = False
 
 
 BACKENDS: Mapping[BackendName, BackendInfo] = {
@@ -155,13 +162,18 @@ BACKENDS: Mapping[BackendName, BackendInfo] = {
         "ONNX Runtime; CUDA when onnxruntime-gpu sees a GPU, else the CPU",
     ),
     BackendName.TORCH: BackendInfo(
-        "engine.backends.torch_cpu", (DeviceKind.CPU,), False, "the source model in torch: the reference"
+        "engine.backends.torch_cpu",
+        (DeviceKind.CPU,),
+        False,
+        "the source model in torch: the reference",
+        compiles=True,
     ),
     BackendName.TORCH_CUDA: BackendInfo(
         "engine.backends.torch_cuda",
         (DeviceKind.CUDA,),
         True,
         "torch fp16 on an NVIDIA GPU, the UNet replayed as a CUDA graph",
+        compiles=True,
     ),
     BackendName.TENSORRT: BackendInfo(
         "engine.backends.tensorrt", (DeviceKind.CUDA,), True, "TensorRT plans built by `sd-engine build`"
@@ -199,8 +211,8 @@ def open_backend(
 
 
 def check_common_options(backend: BackendName, options: Mapping[str, Any]) -> None:
-    """The shared vocabulary checked once: a device the backend can use, cuda_graph only where it means
-    something."""
+    """The shared vocabulary checked once: a device the backend can use, cuda_graph and compile only where
+    they mean something."""
     if options.get("device") is not None:
         try:
             device = Device.parse(options["device"])
@@ -216,6 +228,9 @@ def check_common_options(backend: BackendName, options: Mapping[str, Any]) -> No
             wanted = Switch.ON
         if wanted is Switch.ON:
             raise EngineError(f"cuda_graph: the {backend.value} backend runs on the CPU; use a GPU backend")
+    if options.get("compile") is True and not backend.compiles:
+        which = " or ".join(name.value for name in BackendName if name.compiles)
+        raise EngineError(f"compile: the {backend.value} backend does not use torch.compile; use {which}")
 
 
 @contextmanager

@@ -55,6 +55,17 @@ def tiny_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def tiny_torch_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch-only engine folder of the tiny model (manifest and tokenizer, no ONNX): all the torch
+    backends read, made in seconds, where ``tiny_engine``'s ONNX export takes a minute (of a GPU slot,
+    on the GPU tests) and depends on the machine's onnx / onnxscript versions."""
+    from engine.export import ExportSettings, export_model
+
+    folder = tmp_path_factory.mktemp("engines") / "tiny-torch"
+    return export_model(tiny_model, folder, ExportSettings(torch_only=True)).engine_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_v_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.models.presets import init_random
 

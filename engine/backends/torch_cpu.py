@@ -3,10 +3,16 @@
 It is the reference path (same loop, same NumPy schedulers, only the networks differ) and the GPU
 fallback. Imported only when chosen: it needs torch, diffusers and the source model folder that
 the manifest records.
+
+``compile=True`` runs the UNet (``unet`` and ``unet_cfg``) through ``torch.compile`` (TorchInductor;
+on the CPU its C++ backend, which needs a C++ compiler such as g++). Compilation happens on the first
+call, which :attr:`TorchGraph.compile_s` times. The text encoder and VAE stay eager. The same helpers
+(:data:`COMPILE_MODES`, :func:`compile_module`) serve the torch-cuda backend.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,55 @@ if TYPE_CHECKING:
     from engine.runtime import Graph
 
 
+# torch.compile's modes that leave CUDA graphs alone: the torch-cuda backend captures its own CUDA graph
+# around the compiled UNet, and "reduce-overhead" / "max-autotune" would capture theirs inside it.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILED_NETWORKS = (Network.UNET, Network.UNET_CFG)
+
+
+def check_compile_mode(mode: str) -> None:
+    """ValueError (one line, naming the valid modes) unless ``mode`` is one of :data:`COMPILE_MODES`."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile_mode {mode!r} is not one of {', '.join(COMPILE_MODES)} (the backend captures its own "
+            "CUDA graph around the compiled UNet; reduce-overhead and max-autotune would nest theirs)"
+        )
+
+
+def compile_module(module: Any, mode: str) -> Any:
+    """``torch.compile(module)`` with static shapes (``dynamic=False``: a new shape recompiles) and graph
+    breaks allowed (``fullgraph=False``). Nothing compiles until the first call. The returned module
+    shares ``module``'s parameters. ValueError for a mode outside :data:`COMPILE_MODES`."""
+    check_compile_mode(mode)
+    torch = _import_torch()
+    return torch.compile(module, mode=mode, dynamic=False, fullgraph=False)
+
+
+class FirstCallClock:
+    """Times the first call of a compiled module (wall seconds, the caller synchronises the device):
+    the compilation (tracing, lowering, kernel builds and autotuning) plus one run."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def call(self, fn: Callable[..., Any], *args: Any, sync: Callable[[], None] = lambda: None) -> Any:
+        """fn(*args); the first call is timed, and its failure (TorchInductor or Triton: no C compiler,
+        no Python.h, an unsupported op) becomes one EngineError line."""
+        if self.seconds is not None:
+            return fn(*args)
+        start = time.perf_counter()
+        try:
+            out = fn(*args)
+            sync()
+        except Exception as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            first = lines[0] if lines else type(error).__name__
+            message = f"torch.compile failed on the first call ({first}); run without compile"
+            raise EngineError(message) from error
+        self.seconds = time.perf_counter() - start
+        return out
+
+
 def _import_torch() -> Any:
     try:
         import torch
@@ -33,17 +88,31 @@ def _import_torch() -> Any:
     return torch
 
 
-@dataclass
 class TorchGraph:
-    """One wrapper module run on numpy inputs; outputs are fresh numpy arrays owned by the caller."""
+    """One wrapper module run on numpy inputs; outputs are fresh numpy arrays owned by the caller.
 
-    spec: GraphSpec
-    module: Any
-    device: str = "cpu"
+    compile_mode: run the module through :func:`compile_module` in that mode (None: eager); the
+    first run compiles, and :attr:`compile_s` is its wall time in seconds (None before it).
+    """
+
+    def __init__(
+        self, spec: GraphSpec, module: Any, device: str = "cpu", compile_mode: str | None = None
+    ) -> None:
+        self.spec = spec
+        self.module = module
+        self.device = device
+        self.compiled = None if compile_mode is None else compile_module(module, compile_mode)
+        self._clock = FirstCallClock()
 
     @property
     def providers(self) -> list[str]:
-        return [f"torch:{self.device}"]
+        """``torch:cpu``, with ``:compiled`` when torch.compile runs the module."""
+        return [f"torch:{self.device}" + (":compiled" if self.compiled is not None else "")]
+
+    @property
+    def compile_s(self) -> float | None:
+        """Wall seconds of the first compiled run (compilation plus one run); None if eager or not run yet."""
+        return self._clock.seconds if self.compiled is not None else None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = _import_torch()
@@ -53,7 +122,7 @@ class TorchGraph:
             for name in self.spec.input_names
         ]
         with torch.inference_mode():
-            out = self.module(*args)
+            out = self.module(*args) if self.compiled is None else self._clock.call(self.compiled, *args)
         outputs = out if isinstance(out, tuple) else (out,)
         return {
             name: value.float().cpu().numpy()
@@ -64,32 +133,52 @@ class TorchGraph:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, source: Any, specs: Mapping[Network, GraphSpec], device: str = "cpu") -> None:
+    def __init__(
+        self,
+        source: Any,
+        specs: Mapping[Network, GraphSpec],
+        device: str = "cpu",
+        compile_mode: str | None = None,
+    ) -> None:
         self.source = source
         self.specs = specs
         self.device = device
+        self.compile_mode = compile_mode
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, device: str = "cpu") -> TorchBackend:
-        """Load the source model folder recorded in the manifest (it must still exist)."""
+    def from_manifest(
+        cls, manifest: Manifest, device: str = "cpu", compile_mode: str | None = None
+    ) -> TorchBackend:
+        """Load the source model folder recorded in the manifest (it must still exist); compile_mode:
+        torch.compile the UNet graphs in that mode (None: eager)."""
         _import_torch()
         from engine.models.torch_modules import load_source_from_manifest
 
         source = load_source_from_manifest(manifest)
         specs = {network: entry.spec for network, entry in manifest.graphs.items()}
-        return cls(source, specs, device)
+        return cls(source, specs, device, compile_mode)
 
     def load(self, network: Network) -> TorchGraph:
         module = self.source.wrapper(network).to(self.device)
-        return TorchGraph(self.specs[network], module, self.device)
+        mode = self.compile_mode if network in COMPILED_NETWORKS else None
+        return TorchGraph(self.specs[network], module, self.device, mode)
 
 
 @dataclass(frozen=True)
 class TorchOptions:
-    """device: ``cpu`` (torch-cuda is the GPU backend); precision: fp32 only (the reference)."""
+    """device: ``cpu`` (torch-cuda is the GPU backend); precision: fp32 only (the reference);
+    compile: run the UNet through torch.compile (TorchInductor's C++ backend) in ``compile_mode``, one
+    of :data:`COMPILE_MODES` (ValueError otherwise)."""
 
     device: Device = CPU
     precision: Precision = Precision.FP32
+    compile: bool = False
+    compile_mode: str = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        check_compile_mode(self.compile_mode)
 
 
 def open_engine(
@@ -102,4 +191,5 @@ def open_engine(
             f"the torch backend runs fp32 on the cpu, not {opts.precision.value} on {opts.device}; "
             "use the torch-cuda backend for the GPU"
         )
-    return TorchBackend.from_manifest(manifest, str(opts.device)).load
+    mode = opts.compile_mode if opts.compile else None
+    return TorchBackend.from_manifest(manifest, str(opts.device), mode).load

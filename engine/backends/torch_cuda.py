@@ -13,6 +13,14 @@ guidance scale in, the guided noise out, so the duplication of the latents and t
 happen on the GPU and half as many latents cross the bus each step. The embeddings and the guidance
 scale, bound once per generation, are copied to the GPU once, not at every step.
 
+``compile=True``: the ``unet`` and ``unet_cfg`` modules are wrapped with ``torch.compile`` (TorchInductor,
+Triton kernels; :func:`engine.backends.torch_cpu.compile_module`) in ``compile_mode``, a mode that
+leaves CUDA graphs to us ("default" or "max-autotune-no-cudagraphs"). The runner's first warm-up launch
+compiles (its wall time, synchronised, is :attr:`TorchCudaGraph.compile_s`); the capture that follows
+the warm-up records the compiled kernels, so each replay runs them with one launch: the approach behind
+stable-fast's numbers. The text encoder and VAE stay eager. Providers then read
+``torch:cuda:0:fp16:compiled:cuda-graph``.
+
 torch is imported inside functions: this module imports without it.
 """
 
@@ -28,6 +36,7 @@ import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
+from engine.backends.torch_cpu import FirstCallClock, check_compile_mode, compile_module
 from engine.errors import EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
@@ -64,7 +73,9 @@ def import_cuda_torch() -> Any:
 class TorchCudaOptions:
     """device: ``cuda`` or ``cuda:N``; cuda_graph: capture and replay the UNet (auto: on);
     precision: the text encoder's and UNet's; vae_precision: fp32, bf16, or fp16 guarded by an fp32
-    rerun on overflow; timing: record each run's device time (CUDA events)."""
+    rerun on overflow; warmup: plain launches before the capture (at least 1); timing: record each
+    run's device time (CUDA events); compile: torch.compile the UNet (``unet`` and ``unet_cfg``) in
+    ``compile_mode``, one of ``engine.backends.torch_cpu.COMPILE_MODES`` (ValueError otherwise)."""
 
     device: Device = CUDA
     cuda_graph: Switch = Switch.AUTO
@@ -72,6 +83,13 @@ class TorchCudaOptions:
     vae_precision: Precision = Precision.FP32
     warmup: int = 2
     timing: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        check_compile_mode(self.compile_mode)
 
 
 def cast_boundary(module: Any, dtype: Any, keep_float32: tuple[int, ...] = ()) -> Any:
@@ -105,13 +123,27 @@ class TorchBuffers:
 
 
 class TorchCudaOps:
-    """GraphOps on torch: all device work on one private stream; graphs are torch.cuda.CUDAGraph."""
+    """GraphOps on torch: all device work on one private stream; graphs are torch.cuda.CUDAGraph.
 
-    def __init__(self, module: Any, spec: GraphSpec, device: Device, timing: bool = False) -> None:
+    compile_mode: run ``module`` through ``torch.compile`` in that mode (None: eager). The first launch
+    compiles (the runner's warm-up: nothing compiles inside a capture); ``compile_s`` is its wall time,
+    synchronised.
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        spec: GraphSpec,
+        device: Device,
+        timing: bool = False,
+        compile_mode: str | None = None,
+    ) -> None:
         import torch
 
         self.torch = torch
-        self.module = module
+        self.module = module  # the eager module (its weights)
+        self.compiled = None if compile_mode is None else compile_module(module, compile_mode)
+        self._first_call = FirstCallClock()
         self.spec = spec
         self.device = torch.device(str(device))
         self.stream = torch.cuda.Stream(device=self.device)  # capture needs a non-default stream
@@ -146,8 +178,18 @@ class TorchCudaOps:
         """The same copy: no recorded graph holds input copies here."""
         self.write_inputs(buffers, constants)
 
+    @property
+    def compile_s(self) -> float | None:
+        """Wall seconds of the first compiled launch (compilation, autotuning, one run); None if eager
+        or not launched yet."""
+        return self._first_call.seconds if self.compiled is not None else None
+
     def _forward(self, buffers: TorchBuffers) -> dict[str, Any]:
-        out = self.module(*(buffers.inputs[name] for name in self.spec.input_names))
+        args = [buffers.inputs[name] for name in self.spec.input_names]
+        if self.compiled is None:
+            out = self.module(*args)
+        else:  # the first call compiles, timed up to the end of its device work
+            out = self._first_call.call(self.compiled, *args, sync=self.stream.synchronize)
         outputs = out if isinstance(out, tuple) else (out,)
         return dict(zip(self.spec.output_names, outputs, strict=True))
 
@@ -199,18 +241,32 @@ class TorchCudaGraph:
     """One network on the GPU behind the Graph interface; constants bound once per generation."""
 
     def __init__(
-        self, spec: GraphSpec, module: Any, options: TorchCudaOptions, precision: Precision, capture: bool
+        self,
+        spec: GraphSpec,
+        module: Any,
+        options: TorchCudaOptions,
+        precision: Precision,
+        capture: bool,
+        compiled: bool = False,
     ) -> None:
         self.spec = spec
         self.capture = capture
-        self.label = f"torch:{options.device}:{precision.value}"
-        self.ops = TorchCudaOps(module, spec, options.device, options.timing)
+        self.label = f"torch:{options.device}:{precision.value}" + (":compiled" if compiled else "")
+        mode = options.compile_mode if compiled else None
+        self.ops = TorchCudaOps(module, spec, options.device, options.timing, mode)
         self.runner = CudaGraphRunner(self.ops, options.warmup, enabled=capture)
 
     @property
     def providers(self) -> list[str]:
-        """With ``:cuda-graph`` only while the graph is captured (or will be) and no capture failed."""
+        """``torch:cuda:N:PRECISION``, then ``:compiled`` when torch.compile runs the module, then
+        ``:cuda-graph`` only while the graph is captured (or will be) and no capture failed."""
         return graph_providers(self.label, [self.runner], self.capture)
+
+    @property
+    def compile_s(self) -> float | None:
+        """Wall seconds of the first compiled launch (see :class:`TorchCudaOps`); None if eager or not
+        run yet."""
+        return self.ops.compile_s
 
     def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
         self.runner.bind_constants(constants)
@@ -288,11 +344,12 @@ def open_engine(
             raise EngineFolderError(f"the engine folder has no {network.value} graph")
         spec = manifest.graphs[network].spec
         if network is Network.UNET:
-            return TorchCudaGraph(spec, unet_module(), opts, opts.precision, capture)
+            return TorchCudaGraph(spec, unet_module(), opts, opts.precision, capture, opts.compile)
         if network is Network.UNET_CFG:
             from engine.models.torch_modules import GuidedUNet
 
-            return TorchCudaGraph(spec, GuidedUNet(unet_module()).eval(), opts, opts.precision, capture)
+            guided = GuidedUNet(unet_module()).eval()
+            return TorchCudaGraph(spec, guided, opts, opts.precision, capture, opts.compile)
         if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
             return vae(spec)
         module = network_module(source, spec, opts.device, opts.precision)

@@ -6,14 +6,18 @@ Every check happens here, before any model is built or process spawned, and fail
 A contender is written ``NAME[:OPTION+OPTION...]``: ``diffusers`` or an sd-engine backend name
 (``engine.pipeline.BackendName``, declared once), with options from one vocabulary: ``eager`` /
 ``graph`` (CUDA graphs off / on), ``fused`` / ``unfused`` (classifier-free guidance inside the
-``unet_cfg`` graph / on the host) and ``fp16`` / ``fp32`` (diffusers' precision). For example
-``torch-cuda:graph+fused``, ``onnxruntime:unfused``, ``tensorrt:eager+unfused``, ``diffusers:fp16``.
+``unet_cfg`` graph / on the host), ``compile`` (``torch.compile`` of the UNet, the backends whose
+registry entry ``compiles``) and ``fp16`` / ``fp32`` (diffusers' precision). For example
+``torch-cuda:graph+fused+compile``, ``onnxruntime:unfused``, ``tensorrt:eager+unfused``, ``diffusers:fp16``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import sys
+import sysconfig
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -24,8 +28,11 @@ from engine import sizes
 MAX_SIDE = 4096
 SIZE_MULTIPLE = 8
 DIFFUSERS = "diffusers"
+ONNX_BACKENDS = ("onnxruntime", "openvino", "tensorrt")  # what an engine folder's ONNX graphs feed
 REFERENCE_BASELINE = "baseline"  # PSNR against the first contender's first image
 REFERENCE_CPU_FP32 = "cpu-fp32"  # PSNR against diffusers fp32 on the CPU (one extra run)
+REFERENCE_CUDA_FP32 = "cuda-fp32"  # PSNR against diffusers fp32 on the CUDA GPU (one extra run)
+PSNR_REFERENCES = (REFERENCE_BASELINE, REFERENCE_CPU_FP32, REFERENCE_CUDA_FP32)
 
 
 class Device(str, Enum):
@@ -40,6 +47,7 @@ class Option(str, Enum):
     GRAPH = "graph"
     FUSED = "fused"
     UNFUSED = "unfused"
+    COMPILE = "compile"
     FP16 = "fp16"
     FP32 = "fp32"
 
@@ -50,6 +58,7 @@ _OPTION_FIELDS = {
     Option.GRAPH: ("cuda_graph", True),
     Option.FUSED: ("fused_cfg", True),
     Option.UNFUSED: ("fused_cfg", False),
+    Option.COMPILE: ("compile", True),
     Option.FP16: ("fp16", True),
     Option.FP32: ("fp16", False),
 }
@@ -89,12 +98,14 @@ class Contender:
     """Who runs the work: diffusers or sd-engine on one backend, with its options.
 
     cuda_graph / fused_cfg: None leaves the backend's default (fused guidance whenever the engine
-    folder has the ``unet_cfg`` graph). fp16: diffusers in half precision (CUDA only).
+    folder has the ``unet_cfg`` graph). compile: True runs the UNet through ``torch.compile`` (None:
+    the backend's default, eager). fp16: diffusers in half precision (CUDA only).
     """
 
     kind: str  # "diffusers" or a backend name
     cuda_graph: bool | None = None
     fused_cfg: bool | None = None
+    compile: bool | None = None
     fp16: bool = False
 
     @property
@@ -103,6 +114,7 @@ class Contender:
         options = [
             {True: Option.GRAPH, False: Option.EAGER}.get(self.cuda_graph),  # type: ignore[arg-type]
             {True: Option.FUSED, False: Option.UNFUSED}.get(self.fused_cfg),  # type: ignore[arg-type]
+            Option.COMPILE if self.compile else None,
             Option.FP16 if self.fp16 else None,
         ]
         words = [o.value for o in options if o is not None]
@@ -110,11 +122,13 @@ class Contender:
 
     @property
     def label(self) -> str:
+        """The report's column title, e.g. ``sd-engine (torch-cuda) graph + fused + torch.compile``."""
         base = _LABELS.get(self.kind, f"sd-engine ({self.kind})")
         if self.kind == DIFFUSERS and self.fp16:
             base = "diffusers (torch eager fp16)"
-        words = self.name.partition(":")[2].replace("fp16", "").strip("+")
-        return f"{base} {words.replace('+', ' + ')}" if words else base
+        words = [w for w in self.name.partition(":")[2].split("+") if w and w != Option.FP16.value]
+        shown = ["torch.compile" if w == Option.COMPILE.value else w for w in words]
+        return f"{base} {' + '.join(shown)}" if shown else base
 
     @property
     def is_engine(self) -> bool:
@@ -155,13 +169,29 @@ class Contender:
         return contender
 
     def check_options(self) -> None:
-        if self.kind == DIFFUSERS and (self.cuda_graph is not None or self.fused_cfg is not None):
+        """ValueError when an option does not apply to the contender's kind."""
+        engine_options = (self.cuda_graph, self.fused_cfg, self.compile)
+        if self.kind == DIFFUSERS and any(o is not None for o in engine_options):
             raise ValueError(f"contender {self.name!r}: diffusers takes only fp16 / fp32")
         if self.kind != DIFFUSERS and self.fp16:
             raise ValueError(f"contender {self.name!r}: fp16 / fp32 is a diffusers option")
         if self.cuda_graph is not None and not _backend(self.kind).has_cuda_graphs:
             graphs = ", ".join(n for n in backend_names() if _backend(n).has_cuda_graphs)
             raise ValueError(f"contender {self.name!r}: eager / graph is an option of {graphs}")
+        if self.compile is not None and not _backend(self.kind).compiles:
+            compilers = ", ".join(n for n in backend_names() if _backend(n).compiles)
+            raise ValueError(f"contender {self.name!r}: compile (torch.compile) is an option of {compilers}")
+
+    def device_problem(self, device: Device) -> str | None:
+        """Why the contender cannot run on ``device`` (a phrase without its name), or None."""
+        if not self.runs_on(device):
+            where = "the CPU" if device is Device.CUDA else "a CUDA GPU"
+            return f"runs on {where}, not --device {device.value}"
+        if device is Device.CPU and self.cuda_graph:
+            return "graph (CUDA graphs) needs --device cuda"
+        if device is Device.CPU and self.fp16:
+            return "fp16 needs --device cuda"
+        return None
 
     def check_device(self, device: Device) -> None:
         """ValueError when the contender cannot run on ``device``."""
@@ -172,8 +202,9 @@ class Contender:
                 f"contender {self.name!r} runs on {where}; "
                 f"drop it from --contenders or use --device {other.value}"
             )
-        if device is Device.CPU and (self.cuda_graph or self.fp16):
-            raise ValueError(f"contender {self.name!r}: graph and fp16 need --device cuda")
+        problem = self.device_problem(device)
+        if problem is not None:
+            raise ValueError(f"contender {self.name!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -299,14 +330,40 @@ def check_sampler(sampler: str, contenders: tuple[Contender, ...]) -> None:
         )
 
 
-def check_device(contenders: tuple[Contender, ...], device: Device) -> None:
-    """Every contender must run on the device; ``--device cuda`` needs a CUDA GPU."""
-    for contender in contenders:
-        contender.check_device(device)
+def check_device(
+    contenders: tuple[Contender, ...], device: Device, skip: bool = False
+) -> tuple[tuple[Contender, ...], tuple[tuple[str, str], ...]]:
+    """The contenders that can run on the device, and the skipped ones with their reasons.
+
+    Without ``skip`` the first contender that cannot run there is refused (ValueError); the baseline
+    (the first) is never skipped. ``--device cuda`` needs a CUDA GPU whatever is skipped.
+    """
+    kept: list[Contender] = []
+    skipped: list[tuple[str, str]] = []
+    for index, contender in enumerate(contenders):
+        problem = contender.device_problem(device)
+        if problem is None:
+            kept.append(contender)
+        elif skip and index > 0:
+            skipped.append((contender.name, problem))
+        else:
+            contender.check_device(device)
     if device is Device.CUDA:
         missing = cuda_missing()
         if missing:
             raise ValueError(f"--device cuda: {missing}; run the CPU contenders with --device cpu")
+    return tuple(kept), tuple(skipped)
+
+
+def check_psnr_reference(reference: str, device: Device) -> None:
+    """The PSNR reference must be known; ``cuda-fp32`` runs on the GPU, so it needs ``--device cuda``."""
+    if reference not in PSNR_REFERENCES:
+        raise ValueError(f"--psnr-reference {reference!r} is not one of {', '.join(PSNR_REFERENCES)}")
+    if reference == REFERENCE_CUDA_FP32 and device is not Device.CUDA:
+        raise ValueError(
+            f"--psnr-reference {REFERENCE_CUDA_FP32} runs diffusers fp32 on the GPU: it needs --device cuda "
+            f"(on the CPU use {REFERENCE_CPU_FP32})"
+        )
 
 
 def cuda_missing() -> str | None:
@@ -319,7 +376,11 @@ def cuda_missing() -> str | None:
 
 
 def unavailable(contender: Contender, device: Device, engine_dir: Path | None) -> str | None:
-    """Why a contender cannot run on this machine, or None: packages, providers, TensorRT plans."""
+    """Why a contender cannot run on this machine, or None: the device, packages, providers, TensorRT
+    plans."""
+    problem = contender.device_problem(device)
+    if problem is not None:
+        return problem
     missing = [m for m in contender.needs if importlib.util.find_spec(m) is None]
     if missing:
         hint = ' (pip install "sd-engine[export]")' if "torch" in missing else ""
@@ -329,10 +390,59 @@ def unavailable(contender: Contender, device: Device, engine_dir: Path | None) -
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             return 'onnxruntime has no CUDA provider (pip install "sd-engine[gpu]")'
+    compiler = compiler_missing(contender)
+    if compiler is not None:
+        return compiler
+    if contender.kind in ONNX_BACKENDS and engine_dir is not None and torch_only(engine_dir):
+        return f"engine folder {engine_dir} was exported with --torch-only (no ONNX graphs)"
     plans = None if engine_dir is None else engine_dir / "tensorrt" / "plans.json"
     if contender.kind == "tensorrt" and plans is not None and not plans.is_file():
         return f"no TensorRT plans in {engine_dir}: run `sd-engine build {engine_dir}` first"
     return None
+
+
+def torch_only(engine_dir: Path) -> bool:
+    """Whether the engine folder holds no ONNX graphs (``sd-engine export --torch-only``); False for a
+    folder that cannot be read (the run then says why)."""
+    from engine.errors import EngineFolderError
+    from engine.manifest import read_manifest
+
+    try:
+        return read_manifest(engine_dir).torch_only
+    except EngineFolderError:
+        return False
+
+
+def compiler_missing(contender: Contender) -> str | None:
+    """Why ``torch.compile`` cannot build the contender's kernels on this machine, or None.
+
+    TorchInductor builds C++ kernels on the CPU with ``$CXX`` or g++ (clang++ on macOS); on CUDA,
+    Triton builds its kernel launchers with ``$CC``, gcc or clang. Both compile against Python's C
+    headers (Python.h).
+    """
+    if not contender.compile:
+        return None
+    if contender.kind == "torch-cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs triton, which is not installed"
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            return "torch.compile on CUDA needs a C compiler for Triton (gcc or clang on PATH, or $CC)"
+    else:
+        cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx) is None:
+            return f"torch.compile on the CPU needs a C++ compiler: {cxx} not found (set $CXX)"
+    if not python_headers():
+        where = sysconfig.get_paths()["include"]
+        return f"torch.compile needs Python's C headers: no Python.h in {where} (the python3-dev package)"
+    return None
+
+
+def python_headers() -> bool:
+    """Whether Python.h is where the compilers look: the default install scheme's include folder, or
+    posix_prefix's, which Triton uses instead of Debian's posix_local."""
+    schemes = {sysconfig.get_default_scheme(), "posix_prefix"} & set(sysconfig.get_scheme_names())
+    folders = {sysconfig.get_paths(scheme=scheme)["include"] for scheme in schemes}
+    return any(Path(folder, "Python.h").is_file() for folder in folders)
 
 
 def check_available(

@@ -58,6 +58,8 @@ def backend_options(contender: Contender, device: Device) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if contender.cuda_graph is not None:
         options["cuda_graph"] = contender.cuda_graph
+    if contender.compile:
+        options["compile"] = True
     if contender.kind in TIMED_BACKENDS:
         options["timing"] = True
     if contender.kind == "onnxruntime":  # left to itself it would pick CUDA whenever it can
@@ -145,25 +147,32 @@ class EngineRunner:
 
     def info(self) -> dict[str, Any]:
         """What the run used; reads only graphs the generations loaded (loading more would show in
-        the peak RSS read after this)."""
+        the peak RSS read after this). ``compile_s``: where the backend compiled the UNet
+        (torch.compile), the wall seconds of its first, compiling call (that call's run included)."""
         from engine.machine import physical_cores
         from engine.specs import Network
 
         graphs = list(self.used)
         unet = next(Network(g) for g in graphs if g in (Network.UNET.value, Network.UNET_CFG.value))
+        unet_graph = self.pipe.graph(unet)
         info: dict[str, Any] = {
             "backend": self.spec.contender.kind,
             "contender": self.spec.contender.name,
             "graphs": graphs,
             "fused_cfg": unet is Network.UNET_CFG,
-            "providers": list(self.pipe.graph(unet).providers),
+            "providers": list(unet_graph.providers),
             "versions": package_versions(("onnxruntime", "numpy", "tokenizers", "pillow")),
         }
+        compile_s = getattr(unet_graph, "compile_s", None)
+        if compile_s is not None:
+            info["compile_s"] = float(compile_s)
         if self.spec.contender.kind == "onnxruntime":
             info["intra_op_threads"] = physical_cores()
             info["optimized_graph_cache_present"] = self.ort_cache_present
         if self.spec.contender.kind in ("torch", "torch-cuda"):
             info.update(torch_info())
+            if self.spec.contender.compile:
+                info["versions"].update(package_versions(("torch", "triton")))
         return info
 
     def peak_gpu_mib(self) -> float | None:
@@ -197,10 +206,10 @@ def torch_peak_gpu_mib() -> float | None:
 
 
 class StageClock:
-    """Accumulating timers around methods of given *instances* (their own attributes are replaced)."""
+    """Accumulating host timers around methods of given *instances* (their own attributes are
+    replaced): the CPU's clock, where every call has finished when it returns."""
 
-    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
-        self.sync = sync
+    def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self.calls: dict[str, int] = {}
 
@@ -215,27 +224,72 @@ class StageClock:
 
         @functools.wraps(inner)  # keeps the signature: diffusers inspects scheduler.step's parameters
         def timed(*args: Any, **kwargs: Any) -> Any:
-            self.sync()
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.sync()
                 self.totals[name] += (time.perf_counter() - start) * 1000
                 self.calls[name] += 1
 
         setattr(obj, method, timed)
 
+    def finish(self) -> None:
+        """Nothing to wait for: the totals are up to date."""
+
+
+class EventClock:
+    """CUDA events around methods of given *instances*: each stage's device time, with no
+    synchronisation inside the loop, so the baseline's kernel launches overlap its GPU work as they do
+    for its users (a clock that synchronised around every call would serialise them and flatter every
+    contender against it). :meth:`finish` waits once, after the run, and fills ``totals`` (ms) and
+    ``calls``."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.events: dict[str, list[tuple[Any, Any]]] = {}
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.events = {name: [] for name in self.events}
+
+    def wrap(self, obj: Any, method: str, name: str) -> None:
+        inner = getattr(obj, method)
+        self.events[name] = []
+
+        @functools.wraps(inner)  # keeps the signature: diffusers inspects scheduler.step's parameters
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, end = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                end.record()
+                self.events[name].append((start, end))
+
+        setattr(obj, method, timed)
+
+    def per_call_ms(self, name: str) -> list[float]:
+        """Device milliseconds of each call of one stage in the last run (after :meth:`finish`)."""
+        return [start.elapsed_time(end) for start, end in self.events[name]]
+
+    def finish(self) -> None:
+        self.torch.cuda.synchronize()
+        self.totals = {name: float(sum(self.per_call_ms(name))) for name in self.events}
+        self.calls = {name: len(pairs) for name, pairs in self.events.items()}
+
 
 class DiffusersRunner:
     """diffusers' StableDiffusionPipeline in torch eager mode, fp32 (fp16 on request): the baseline
-    users know. On CUDA the UNet's device time is also recorded with CUDA events."""
+    users know. On the CPU its stages are timed on the host; on CUDA with events (:class:`EventClock`),
+    and fp32 there means fp32: TF32 off for matrix products and convolutions (the PSNR reference)."""
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.pipe: Any = None
-        self.clock = StageClock()
-        self.events: list[tuple[Any, Any]] = []
+        self.clock: StageClock | EventClock = StageClock()
 
     def import_libraries(self) -> None:
         for name in ("torch", "diffusers", "transformers"):
@@ -259,8 +313,11 @@ class DiffusersRunner:
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **dict(entry.forced))
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(self.spec.device.value)
-        cuda = self.spec.device is Device.CUDA
-        self.clock = StageClock(torch.cuda.synchronize if cuda else lambda: None)
+        if self.spec.device is Device.CUDA:
+            self.clock = EventClock()
+            if not self.spec.contender.fp16:  # this process runs one contender: global flags are its own
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
         for obj, method, name in (
             (pipe.text_encoder, "forward", "text_encoder"),
             (pipe.unet, "forward", "unet"),
@@ -269,27 +326,7 @@ class DiffusersRunner:
             (pipe.scheduler, "scale_model_input", "scale_model_input"),
         ):
             self.clock.wrap(obj, method, name)
-        if cuda:
-            self.record_unet_events(pipe.unet)
         self.pipe = pipe
-
-    def record_unet_events(self, unet: Any) -> None:
-        """CUDA events around each UNet forward of this instance (no synchronisation inside the loop)."""
-        import torch
-
-        inner = unet.forward
-
-        @functools.wraps(inner)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            start.record()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                end.record()
-                self.events.append((start, end))
-
-        unet.forward = timed
 
     def generate(self, prompt: str, on_step: StepHook) -> tuple[np.ndarray, dict[str, float]]:
         import torch
@@ -302,7 +339,6 @@ class DiffusersRunner:
             return {}
 
         self.clock.reset()
-        self.events.clear()
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.pipe(
@@ -317,11 +353,11 @@ class DiffusersRunner:
                 output_type="pil",
                 callback_on_step_end=callback,
             )
-        total = (time.perf_counter() - start) * 1000
+        total = (time.perf_counter() - start) * 1000  # the PIL image is on the host: the run is over
+        self.clock.finish()
         stages = self.stages(total)
-        if self.events:
-            torch.cuda.synchronize()
-            stages.update(device_stages([a.elapsed_time(b) for a, b in self.events]))
+        if isinstance(self.clock, EventClock):
+            stages.update(device_stages(self.clock.per_call_ms("unet")))
         return np.asarray(out.images[0]), stages
 
     def stages(self, total_ms: float) -> dict[str, float]:

@@ -13,8 +13,9 @@ from typing import Any
 Row = tuple[str, list[str]]
 MISSING = "-"
 GPU_ROW = "peak GPU memory"
-# Rows shown only when some contender has a value (GPU runs).
-OPTIONAL_ROWS = (GPU_ROW, "UNet device time, per step", "loop - UNet device, per step")
+COMPILE_ROW = "UNet torch.compile (first call)"
+# Rows shown only when some contender has a value (GPU runs, compiled contenders).
+OPTIONAL_ROWS = (GPU_ROW, "UNet device time, per step", "loop - UNet device, per step", COMPILE_ROW)
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -25,6 +26,11 @@ def fmt_ms(ms: float | None) -> str:
 
 def fmt_s(seconds: float | None) -> str:
     return MISSING if seconds is None else f"{seconds:.1f} s"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds shown as fmt_ms shows milliseconds: sub-second times keep their digits."""
+    return MISSING if seconds is None else fmt_ms(seconds * 1000)
 
 
 def fmt_mib(mib: float | None) -> str:
@@ -104,6 +110,8 @@ def _pipeline_rows(entries: list[Mapping[str, Any]], batch: int) -> list[Row]:
         (f"images/s (batch {batch})", cell(lambda s: f"{s['images_per_s']:.4f}", "images_per_s")),
         ("s/image", cell(lambda s: fmt_s(s["latency_ms"]["p50"] / 1000 / batch))),
         ("load", cell(lambda s: fmt_s(s["load_s"]), "load_s")),
+        (COMPILE_ROW, cell(lambda s: fmt_duration(s.get("compile_s")))),
+        ("first-run overhead (first run - p50)", cell(lambda s: fmt_duration(s.get("first_run_overhead_s")))),
         ("cold start (to first image)", cell(lambda s: fmt_s(s["cold_start_s"]), "cold_start_s")),
         ("peak RSS", cell(lambda s: fmt_mib(s["peak_rss_mib"]), "memory")),
         (GPU_ROW, cell(lambda s: fmt_mib(s["peak_gpu_mib"]))),
@@ -118,27 +126,35 @@ def table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[Row], list[Ro
         error = f"{entry['status']}: {entry.get('error', '')}" if entry["status"] != "ok" else MISSING
         entries.append({**entry, "is_baseline": name == baseline, "error_cell": error[:60]})
     titles = [e["label"] for e in entries]
-    pipeline = _shown(_pipeline_rows(entries, int(report["config"]["workload"]["batch_size"])))
+    measured = [bool(e.get("summary")) for e in entries]
+    pipeline = _shown(_pipeline_rows(entries, int(report["config"]["workload"]["batch_size"])), measured)
     reference = psnr_reference(report)
     psnr = [
         MISSING if e["is_baseline"] and reference == baseline else fmt_psnr(e.get("agreement"))
         for e in entries
     ]
     pipeline.append((f"PSNR of first image vs {reference}", psnr))
-    return titles, _shown(_stage_rows(entries)), pipeline
+    return titles, _shown(_stage_rows(entries), measured), pipeline
 
 
-def _shown(rows: list[Row]) -> list[Row]:
-    """Rows without the optional ones that no contender fills."""
-    return [row for row in rows if row[0] not in OPTIONAL_ROWS or any(c != MISSING for c in row[1])]
+def _shown(rows: list[Row], measured: list[bool]) -> list[Row]:
+    """Rows without the optional ones that no measured contender fills (a failed or skipped contender's
+    cells carry its error, not a value)."""
+
+    def filled(cells: list[str]) -> bool:
+        return any(c != MISSING for c, ok in zip(cells, measured, strict=True) if ok)
+
+    return [row for row in rows if row[0] not in OPTIONAL_ROWS or filled(row[1])]
+
+
+REFERENCE_NAMES = {"cpu-fp32": "diffusers fp32 CPU", "cuda-fp32": "diffusers fp32 CUDA"}
 
 
 def psnr_reference(report: Mapping[str, Any]) -> str:
-    """What the PSNR column compares with: the baseline contender, or diffusers fp32 on the CPU."""
+    """What the PSNR column compares with: the baseline contender, or diffusers fp32 on the CPU or on
+    the CUDA GPU."""
     config = report["config"]
-    if config.get("psnr_reference") == "cpu-fp32":
-        return "diffusers fp32 CPU"
-    return str(config["baseline"])
+    return REFERENCE_NAMES.get(str(config.get("psnr_reference")), str(config["baseline"]))
 
 
 def render_terminal(report: Mapping[str, Any]) -> str:

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from engine.bench.child import FIRST_IMAGE, RESULT_FILE, child_env
-from engine.bench.config import DIFFUSERS, REFERENCE_CPU_FP32, BenchConfig, ChildSpec, Contender, Device
+from engine.bench.config import (
+    DIFFUSERS,
+    REFERENCE_CPU_FP32,
+    REFERENCE_CUDA_FP32,
+    BenchConfig,
+    ChildSpec,
+    Contender,
+    Device,
+)
 from engine.bench.machine import load_average, machine_info, software_info
 from engine.bench.stats import finalize, image_agreement
 from engine.errors import EngineError
@@ -34,8 +42,13 @@ STATISTICS_NOTE = (
     "host overhead per step: (latency - text encoder - UNet - VAE decode) / UNet evaluations; "
     "UNet device time per step: CUDA events around the UNet (first step of a run left out), "
     "where the contender records them; loop minus device per step: (latency - text encoder - "
-    "VAE decode) / UNet evaluations - UNet device time"
+    "VAE decode) / UNet evaluations - UNet device time; "
+    "compile: wall time of the UNet's first torch.compile'd call (compilation plus that run), where the "
+    "backend compiled; first-run overhead: first run - warm latency p50 (compilation, CUDA-graph capture, "
+    "autotuning, lazy initialisation)"
 )
+# --psnr-reference -> where its diffusers fp32 run happens
+REFERENCE_DEVICES = {REFERENCE_CPU_FP32: Device.CPU, REFERENCE_CUDA_FP32: Device.CUDA}
 
 
 def files_loaded_by(contender: Contender, config: BenchConfig) -> list[Path]:
@@ -107,8 +120,8 @@ def child_spec(config: BenchConfig, contender: Contender, out_dir: Path) -> Chil
     )
 
 
-def reference_spec(config: BenchConfig, out_dir: Path) -> ChildSpec:
-    """diffusers fp32 on the CPU, one untimed generation of the first prompt: the PSNR reference."""
+def reference_spec(config: BenchConfig, out_dir: Path, device: Device = Device.CPU) -> ChildSpec:
+    """diffusers fp32 on ``device``, one untimed generation of the first prompt: the PSNR reference."""
     return ChildSpec(
         contender=Contender(DIFFUSERS),
         model_dir=config.model_dir,
@@ -116,20 +129,23 @@ def reference_spec(config: BenchConfig, out_dir: Path) -> ChildSpec:
         workload=config.workload,
         runs=1,
         warmup=0,
-        device=Device.CPU,
+        device=device,
         out_dir=out_dir,
     )
 
 
 def run_reference(config: BenchConfig, tmp: Path, say: Callable[[str], None]) -> np.ndarray | None:
-    """The reference image for the PSNR column, or None when that is the baseline's first image."""
-    if config.psnr_reference != REFERENCE_CPU_FP32:
+    """The reference image for the PSNR column (diffusers fp32 on the CPU or on the CUDA GPU, one
+    extra untimed run), or None when that is the baseline's first image."""
+    device = REFERENCE_DEVICES.get(config.psnr_reference)
+    if device is None:
         return None
-    say("[reference] diffusers fp32 on the CPU: one run for the PSNR column")
+    where = "the CPU" if device is Device.CPU else "the CUDA GPU"
+    say(f"[reference] diffusers fp32 on {where}: one run for the PSNR column")
     out_dir = tmp / "reference"
-    result = run_child(reference_spec(config, out_dir))
+    result = run_child(reference_spec(config, out_dir, device))
     if result["status"] != "ok":
-        raise EngineError(f"the fp32 CPU reference run failed: {result['error']}")
+        raise EngineError(f"the fp32 {device.value.upper()} reference run failed: {result['error']}")
     return load_image(out_dir / FIRST_IMAGE)
 
 

@@ -11,6 +11,11 @@ Host overhead per step is everything outside the networks, spread over the steps
 the UNet's device time (CUDA events), the gap per step is the sampling loop's time per step minus
 that device time: everything the GPU spends not running the UNet (scheduler, guidance, copies,
 synchronisation, launch gaps).
+
+Start-up beyond loading: ``compile_s`` is the wall time of the UNet's first ``torch.compile``'d call
+(compilation plus that run; from the contender's info, where the backend compiled), and
+``first_run_overhead_s`` is the first run's latency minus the warm p50 latency: what the first
+generation pays once (compilation, CUDA-graph capture, autotuning, lazy initialisation).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ def summarize(contender: Mapping[str, Any], steps: int, batch_size: int) -> dict
     latency = describe([float(s["latency_ms"]) for s in samples])
     stages = {name: percentile([r[name] for r in rows], 50) for name in STAGES}
     timeline = contender["timeline"]
+    compile_s = (contender.get("info") or {}).get("compile_s")
     return {
         "latency_ms": latency,
         "stages_ms": stages,
@@ -103,6 +109,8 @@ def summarize(contender: Mapping[str, Any], steps: int, batch_size: int) -> dict
         "import_s": timeline["import_s"],
         "startup_s": timeline["startup_s"],
         "first_run_s": timeline["first_run_s"],
+        "first_run_overhead_s": timeline["first_run_s"] - latency["p50"] / 1000,
+        "compile_s": None if compile_s is None else float(compile_s),
         "peak_rss_mib": contender["peak_rss_mib"],
         "peak_gpu_mib": contender.get("peak_gpu_mib"),
     }

@@ -2,8 +2,9 @@
 
     sd-engine bench --preset sd15 --size 256 --contenders diffusers,onnxruntime --runs 3 --out results/
     sd-engine bench --report results/x.json --compare baseline.json     # re-render / compare, no run
-    sd-engine bench --model M --engine E --device cuda --psnr-reference cpu-fp32 --skip-unavailable \
-        --contenders diffusers:fp16,torch-cuda:eager+unfused,torch-cuda:graph+fused,tensorrt:graph+fused
+    sd-engine bench --model M --engine E --device cuda --psnr-reference cuda-fp32 --skip-unavailable \
+        --contenders diffusers:fp16,torch-cuda:eager+unfused,torch-cuda:graph+fused,\
+torch-cuda:graph+fused+compile,tensorrt:graph+fused
 
 ``add_command`` registers the subcommand on the `sd-engine` parser; ``main`` runs it alone
 (benchmarks/run.py). User mistakes raise :class:`EngineError` (one line, exit 1); a regression
@@ -64,8 +65,9 @@ def _add_model_arguments(cmd: argparse.ArgumentParser) -> None:
         metavar="NAME[:OPT+OPT],...",
         help=f"comma-separated, the first is the baseline (default {DEFAULT_CONTENDERS}); NAME is "
         "diffusers or a backend (onnxruntime, torch, torch-cuda, tensorrt, openvino); OPT: eager / graph "
-        "(CUDA graphs), fused / unfused (guidance in the unet_cfg graph or on the host), fp16 / fp32 "
-        "(diffusers), e.g. torch-cuda:graph+fused",
+        "(CUDA graphs), fused / unfused (guidance in the unet_cfg graph or on the host), compile "
+        "(torch.compile of the UNet: torch, torch-cuda), fp16 / fp32 (diffusers), "
+        "e.g. torch-cuda:graph+fused+compile",
     )
     group.add_argument(
         "--device",
@@ -77,8 +79,9 @@ def _add_model_arguments(cmd: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--skip-unavailable",
         action="store_true",
-        help="skip (with the reason) contenders this machine cannot run: missing packages, no CUDA "
-        "provider in onnxruntime, no TensorRT plans; default: refuse",
+        help="skip (with the reason) contenders this machine cannot run: another --device, missing "
+        "packages, no CUDA provider in onnxruntime, no TensorRT plans (the first contender, the baseline, "
+        "is never skipped); default: refuse",
     )
 
 
@@ -100,13 +103,15 @@ def _add_workload_arguments(cmd: argparse.ArgumentParser) -> None:
 
 
 def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
+    from engine.bench.config import PSNR_REFERENCES
+
     group = cmd.add_argument_group("output")
     group.add_argument(
         "--psnr-reference",
-        choices=["baseline", "cpu-fp32"],
+        choices=list(PSNR_REFERENCES),
         default="baseline",
-        help="compare each first image with the baseline's (default) or with diffusers fp32 on the CPU "
-        "(one extra run)",
+        help="compare each first image with the baseline's (default), or with diffusers fp32 on the CPU "
+        "or on the CUDA GPU (cuda-fp32 needs --device cuda; one extra untimed run)",
     )
     group.add_argument(
         "--dry-run",
@@ -194,21 +199,27 @@ def dry_run(args: argparse.Namespace) -> str:
 
     Checks the contenders, workload and devices' rules, but not whether a GPU is present.
     """
-    from engine.bench.config import Device, parse_contenders, parse_size, unavailable
+    from engine.bench.config import Device, check_psnr_reference, parse_contenders, parse_size, unavailable
     from engine.bench.contenders import backend_options
 
     contenders = parse_contenders(args.contenders)
     width, height = parse_size(args.size)
     check_numbers(args)
     device = Device(args.device)
-    lines = [f"dry run: {width}x{height}, {args.steps} steps, {args.runs} timed runs, device {device.value}"]
+    check_psnr_reference(args.psnr_reference, device)
+    lines = [
+        f"dry run: {width}x{height}, {args.steps} steps, {args.runs} timed runs, device {device.value}, "
+        f"PSNR against {args.psnr_reference}"
+    ]
     for number, contender in enumerate(contenders, start=1):
-        contender.check_device(device)
+        if number == 1 or not args.skip_unavailable:
+            contender.check_device(device)  # refused, as the run would
         reason = unavailable(contender, device, args.engine)
         options = backend_options(contender, device) if contender.is_engine else {}
         fused = "" if contender.fused_cfg is None else f" fused_cfg={contender.fused_cfg}"
         if reason:
-            state = f"would skip: {reason}" if args.skip_unavailable else f"would refuse the run: {reason}"
+            skips = args.skip_unavailable and number > 1  # the baseline is never skipped
+            state = f"would skip: {reason}" if skips else f"would refuse the run: {reason}"
         else:
             state = f"options {options}{fused}"
         lines.append(f"  [{number}] {contender.name} ({contender.label}): {state}")
@@ -223,6 +234,7 @@ def build_config(args: argparse.Namespace) -> Any:
         Workload,
         check_available,
         check_device,
+        check_psnr_reference,
         check_sampler,
         parse_contenders,
         parse_size,
@@ -235,8 +247,10 @@ def build_config(args: argparse.Namespace) -> Any:
     check_numbers(args)
     check_sampler(args.sampler, contenders)
     device = Device(args.device)
-    check_device(contenders, device)
-    contenders, skipped = check_available(contenders, device, args.engine, args.skip_unavailable)
+    check_psnr_reference(args.psnr_reference, device)
+    contenders, off_device = check_device(contenders, device, args.skip_unavailable)
+    contenders, missing = check_available(contenders, device, args.engine, args.skip_unavailable)
+    skipped = in_order(off_device + missing, args.contenders)
     prompts = load_prompts(args.prompts)
     choice = ModelChoice(args.model, args.preset, args.engine)
     check_choice(choice, contenders)
@@ -267,6 +281,14 @@ def build_config(args: argparse.Namespace) -> Any:
         psnr_reference=args.psnr_reference,
         skipped=skipped,
     )
+
+
+def in_order(skipped: tuple[tuple[str, str], ...], contenders: str) -> tuple[tuple[str, str], ...]:
+    """Skipped contenders in the order --contenders gives them."""
+    from engine.bench.config import parse_contenders
+
+    order = [c.name for c in parse_contenders(contenders)]
+    return tuple(sorted(skipped, key=lambda item: order.index(item[0])))
 
 
 def check_numbers(args: argparse.Namespace) -> None:

@@ -514,17 +514,6 @@ def test_cast_boundary_keeps_float32_at_the_edges() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_torch_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A torch-only engine folder (manifest and tokenizer, no ONNX): all the torch backends read, made in
-    seconds, where the ONNX export of ``tiny_engine`` takes a minute of the GPU slot and depends on the
-    GPU image's onnx / onnxscript versions."""
-    from engine.export import ExportSettings, export_model
-
-    folder = tmp_path_factory.mktemp("engines") / "tiny-torch"
-    return export_model(tiny_model, folder, ExportSettings(torch_only=True)).engine_dir
-
-
-@pytest.fixture(scope="module")
 def tiny_source(tiny_model: Path) -> Any:
     from engine.models.folder import inspect_model_folder
     from engine.models.torch_modules import load_source_model

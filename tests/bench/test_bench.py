@@ -9,24 +9,36 @@ import copy
 import csv
 import importlib.util
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from engine.bench.config import ChildSpec, Contender, Device, Workload, check_available, parse_contenders
+from engine.bench.config import (
+    ChildSpec,
+    Contender,
+    Device,
+    Workload,
+    check_available,
+    check_device,
+    compiler_missing,
+    parse_contenders,
+    unavailable,
+)
 from engine.bench.contenders import EngineRunner, backend_options
 from engine.bench.prompts import BUILTIN_PROMPTS, load_prompts
-from engine.bench.report import render_terminal
+from engine.bench.report import COMPILE_ROW, render_markdown, render_terminal
 from engine.bench.stats import finalize, percentile
 from engine.commands.bench import EXIT_REGRESSION, add_command
 from engine.errors import EngineError
 
 PARTI_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "partiprompts" / "PartiPrompts.tsv"
 CONTENDERS = ("diffusers", "onnxruntime")
+# Asked for too, and skipped with its reason: it cannot run on the CPU (--skip-unavailable).
+OFF_DEVICE = "torch-cuda:graph+fused+compile"
 RUNS, WARMUP, STEPS = 2, 1, 2
+SAVED_REPORTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def bench(*argv: str) -> int:
@@ -41,7 +53,8 @@ def bench(*argv: str) -> int:
 def run(tiny_model: Path, tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     rc = bench(
-        "--model", str(tiny_model), "--engine", str(tiny_engine), "--contenders", ",".join(CONTENDERS),
+        "--model", str(tiny_model), "--engine", str(tiny_engine),
+        "--contenders", ",".join((*CONTENDERS, OFF_DEVICE)), "--skip-unavailable",
         "--size", "64", "--steps", str(STEPS), "--runs", str(RUNS), "--warmup", str(WARMUP),
         "--out", str(out), "--name", "tiny",
     )  # fmt: skip
@@ -184,7 +197,7 @@ def test_chart(run: dict[str, Any], tmp_path: Path) -> None:
         (["--contenders", "diffusers,torch-cuda:graph+eager"], "sets cuda_graph both ways"),
         (["--contenders", "diffusers,tensorrt"], "contender 'tensorrt' runs on a CUDA GPU"),
         (["--contenders", "diffusers,torch:graph"], "eager / graph is an option of"),
-        (["--contenders", "diffusers:fp16"], "graph and fp16 need --device cuda"),
+        (["--contenders", "diffusers:fp16"], "contender 'diffusers:fp16': fp16 needs --device cuda"),
         (["--contenders", "diffusers,openvino", "--device", "cuda"], "contender 'openvino' runs on the CPU"),
         (["--size", "250"], "multiples of 8 px"),
         (["--size", "big"], "--size must be N or WxH"),
@@ -341,6 +354,20 @@ def test_dry_run_lists_the_gpu_contenders(capsys: pytest.CaptureFixture[str]) ->
     assert "[4] tensorrt:graph+fused" in out
 
 
+def test_onnx_contenders_skip_a_torch_only_engine_folder(
+    tiny_torch_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ("--dry-run", "--engine", str(tiny_torch_engine), "--contenders", "torch,onnxruntime,openvino")
+    assert bench(*argv, "--skip-unavailable") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  [1] torch (") and "options" in line for line in lines)
+    for name in ("onnxruntime", "openvino"):
+        line = next(line for line in lines if f"] {name} (" in line)
+        assert line.endswith(
+            f"would skip: engine folder {tiny_torch_engine} was exported with --torch-only (no ONNX graphs)"
+        )
+
+
 def test_dry_run_says_refuse_or_skip_as_the_run_would(capsys: pytest.CaptureFixture[str]) -> None:
     """Without tensorrt installed, the run refuses the contender unless --skip-unavailable is given."""
     if importlib.util.find_spec("tensorrt") is not None:
@@ -351,14 +378,6 @@ def test_dry_run_says_refuse_or_skip_as_the_run_would(capsys: pytest.CaptureFixt
     assert "[2] tensorrt:graph+fused (" in out and "would refuse the run: " in out
     assert bench(*argv, "--skip-unavailable") == 0
     assert "would skip: " in capsys.readouterr().out
-
-
-def test_gpu_script_dry_run_passes_without_a_gpu() -> None:
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
-    done = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "sd-engine bench --model" in done.stdout and "tensorrt:graph+fused" in done.stdout
-    assert not (script.parent / "gpu_bench.py").exists()
 
 
 def test_psnr_against_the_fp32_cpu_reference(tiny_model: Path, tiny_engine: Path, tmp_path: Path) -> None:
@@ -398,3 +417,209 @@ def test_device_times_and_skipped_contenders_in_the_report(run: dict[str, Any]) 
     text = render_terminal(report)
     assert "UNet device time, per step" in text and "skipped: no plans" in text
     assert "UNet device time" not in render_terminal(run["report"])
+
+
+# -- torch.compile contenders, the GPU PSNR reference, device skips, start-up columns (issue 12) -------
+
+
+def test_compile_contenders_parse_in_a_fixed_order() -> None:
+    contenders = parse_contenders(
+        "torch-cuda:compile+fused+graph,torch:fused+compile,torch-cuda:eager+compile"
+    )
+    assert [c.name for c in contenders] == [
+        "torch-cuda:graph+fused+compile",
+        "torch:fused+compile",
+        "torch-cuda:eager+compile",
+    ]
+    assert [c.compile for c in contenders] == [True, True, True]
+    assert contenders[0].label == "sd-engine (torch-cuda) graph + fused + torch.compile"
+    assert Contender.parse("torch-cuda:graph").compile is None
+    assert backend_options(contenders[0], Device.CUDA) == {
+        "cuda_graph": True,
+        "compile": True,
+        "timing": True,
+    }
+    assert backend_options(contenders[1], Device.CPU) == {"compile": True}
+    spec = ChildSpec(
+        contenders[0], Path("m"), Path("e"), Workload(prompts=("a",)), 1, 0, Device.CUDA, Path("o")
+    )
+    assert ChildSpec.from_json(spec.to_json()).contender == contenders[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "onnxruntime:compile",
+            "contender 'onnxruntime:compile': compile (torch.compile) is an option of torch",
+        ),
+        ("tensorrt:graph+compile", "compile (torch.compile) is an option of torch, torch-cuda"),
+        ("diffusers:fp16+compile", "diffusers takes only fp16 / fp32"),
+    ],
+)
+def test_compile_is_refused_where_nothing_compiles(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=_literal(message)):
+        Contender.parse(text)
+
+
+def test_cuda_fp32_reference_needs_the_gpu(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(
+        EngineError, match="--psnr-reference cuda-fp32 runs diffusers fp32 on the GPU"
+    ) as error:
+        bench("--model", str(tiny_model), "--psnr-reference", "cuda-fp32")
+    assert "needs --device cuda" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(EngineError, match="needs --device cuda"):
+        bench("--dry-run", "--psnr-reference", "cuda-fp32")
+    argv = (
+        "--dry-run",
+        "--device",
+        "cuda",
+        "--psnr-reference",
+        "cuda-fp32",
+        "--contenders",
+        "diffusers:fp16",
+    )
+    assert bench(*argv) == 0
+    assert "PSNR against cuda-fp32" in capsys.readouterr().out
+
+
+def test_contenders_for_another_device_are_skipped_on_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """On the CPU, GPU contenders are skipped with the reason (the baseline never is), or refused."""
+    contenders = parse_contenders(
+        "diffusers,torch:fused+compile,diffusers:fp16,torch-cuda:graph+fused+compile,onnxruntime:graph+fused"
+    )
+    kept, skipped = check_device(contenders, Device.CPU, skip=True)
+    assert [c.name for c in kept] == ["diffusers", "torch:fused+compile"]
+    assert dict(skipped) == {
+        "diffusers:fp16": "fp16 needs --device cuda",
+        "torch-cuda:graph+fused+compile": "runs on a CUDA GPU, not --device cpu",
+        "onnxruntime:graph+fused": "graph (CUDA graphs) needs --device cuda",
+    }
+    with pytest.raises(ValueError, match="'torch-cuda:graph\\+fused\\+compile' runs on a CUDA GPU; drop it"):
+        check_device((contenders[0], contenders[3]), Device.CPU)
+    with pytest.raises(ValueError, match="contender 'diffusers:fp16': fp16 needs --device cuda"):
+        check_device(contenders[2:], Device.CPU, skip=True)  # the baseline
+    argv = ("--dry-run", "--contenders", "diffusers,torch-cuda:graph+fused+compile,torch:fused+compile")
+    assert bench(*argv, "--skip-unavailable") == 0
+    out = capsys.readouterr().out
+    assert "[2] torch-cuda:graph+fused+compile (" in out
+    assert "would skip: runs on a CUDA GPU, not --device cpu" in out
+    assert (
+        "[3] torch:fused+compile (sd-engine (torch) fused + torch.compile): options {'compile': True}" in out
+    )
+    with pytest.raises(EngineError, match="runs on a CUDA GPU; drop it from --contenders"):
+        bench(*argv)
+
+
+def test_skipped_contenders_land_in_the_report(run: dict[str, Any]) -> None:
+    report = run["report"]
+    assert report["config"]["contenders"] == list(CONTENDERS)
+    assert report["config"]["skipped"] == {OFF_DEVICE: "runs on a CUDA GPU, not --device cpu"}
+    entry = report["contenders"][OFF_DEVICE]
+    assert entry["status"] == "skipped" and entry["label"].endswith("graph + fused + torch.compile")
+    assert "skipped: runs on a CUDA GPU" in (run["out"] / "tiny.md").read_text()
+
+
+def test_first_run_overhead_and_compile_time(run: dict[str, Any]) -> None:
+    """first-run overhead = first run - warm p50; compile time from the contender's info, when it compiled."""
+    report = copy.deepcopy(run["report"])
+    for name in CONTENDERS:
+        summary = report["contenders"][name]["summary"]
+        expected = report["contenders"][name]["timeline"]["first_run_s"] - summary["latency_ms"]["p50"] / 1000
+        assert summary["first_run_overhead_s"] == pytest.approx(expected)
+        assert summary["compile_s"] is None
+    text = render_terminal(report)
+    assert "first-run overhead (first run - p50)" in text and COMPILE_ROW not in text
+    report["contenders"]["onnxruntime"]["info"]["compile_s"] = 42.5
+    report = finalize(report)
+    assert report["contenders"]["onnxruntime"]["summary"]["compile_s"] == 42.5
+    markdown = render_markdown(report)
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {COMPILE_ROW} |"))
+    assert row.split("|")[2:4] == [" - ", " 42.5 s "]
+
+
+@pytest.mark.parametrize(
+    "name", ["cpu-2core-sd15-256-2026-11-25.json", "cpu-2core-sd15-512-2026-12-01-quiet.json"]
+)
+def test_saved_reports_without_the_new_fields_still_render(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reports saved before compile times existed re-render, with first-run overhead from their timeline."""
+    path = SAVED_REPORTS / name
+    assert bench("--report", str(path), "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "Pipeline latency, p50" in out and "first-run overhead" in out and COMPILE_ROW not in out
+    saved = json.loads((tmp_path / name).read_text())
+    assert all(
+        e["summary"]["compile_s"] is None and e["summary"]["first_run_overhead_s"] is not None
+        for e in saved["contenders"].values()
+        if e.get("summary")
+    )
+
+
+@pytest.mark.slow  # TorchInductor's C++ kernels for the tiny UNet: minutes on 2 cores with a cold cache
+def test_torch_compile_contender_on_the_cpu(tiny_model: Path, tiny_engine: Path, tmp_path: Path) -> None:
+    rc = bench(
+        "--model", str(tiny_model), "--engine", str(tiny_engine),
+        "--contenders", "torch:fused,torch:fused+compile", "--size", "64", "--steps", "2",
+        "--runs", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "c",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    entry = report["contenders"]["torch:fused+compile"]
+    assert entry["info"]["providers"] == ["torch:cpu:compiled"] and entry["summary"]["compile_s"] > 0
+    assert report["contenders"]["torch:fused"]["summary"]["compile_s"] is None
+    psnr = entry["agreement"]["psnr_db"]
+    assert psnr is None or psnr >= 40
+    assert COMPILE_ROW in (tmp_path / "c.md").read_text()
+
+
+def test_compile_contenders_need_a_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torch.compile builds kernels with a C/C++ compiler: without one the contender is skipped."""
+    contender = Contender.parse("torch:fused+compile")
+    assert compiler_missing(Contender.parse("torch:fused")) is None
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    reason = unavailable(contender, Device.CPU, None)
+    assert (
+        reason
+        == f"torch.compile on the CPU needs a C++ compiler: {tmp_path / 'no-such-c++'} not found (set $CXX)"
+    )
+    kept, skipped = check_available(
+        parse_contenders("diffusers,torch:fused+compile"), Device.CPU, None, skip=True
+    )
+    assert [c.name for c in kept] == ["diffusers"] and skipped == (("torch:fused+compile", reason),)
+    if importlib.util.find_spec("triton") is None:
+        assert compiler_missing(Contender.parse("torch-cuda:graph+compile")) == (
+            "torch.compile on CUDA needs triton, which is not installed"
+        )
+
+
+def _no_cuda() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_cuda() is not None, reason=str(_no_cuda()))
+def test_event_clock_times_device_work_per_call_and_waits_once() -> None:
+    import torch
+
+    from engine.bench.contenders import EventClock
+
+    layer = torch.nn.Linear(1024, 1024).cuda()
+    clock = EventClock()
+    clock.wrap(layer, "forward", "linear")
+    x = torch.randn(4096, 1024, device="cuda")
+    for _ in range(3):
+        clock.reset()
+        for _ in range(5):
+            x = layer(x).tanh()
+        clock.finish()
+        assert clock.calls == {"linear": 5} and len(clock.per_call_ms("linear")) == 5
+        assert (
+            clock.totals["linear"] == pytest.approx(sum(clock.per_call_ms("linear")))
+            and clock.totals["linear"] > 0
+        )
