@@ -2,7 +2,8 @@
 # shellcheck disable=SC2317  # the stage_* functions are called by name, through run_stage
 # The GPU check in one command, for an air-gapped CUDA machine with a fixed image and a short slot.
 #
-#   bash benchmarks/gpu.sh [--dry-run] [--stages LIST] [--wheels DIR] [--work DIR] [--deadline S] [RESULTS_DIR]
+#   bash benchmarks/gpu.sh [--dry-run] [--stages LIST] [--wheels DIR] [--work DIR] [--deadline S]
+#                          [--archive FILE.tar.gz] [RESULTS_DIR]
 #   bash benchmarks/gpu.sh --download-wheels [DIR]      # on a machine with network, before the slot
 #
 # Stages, in order (--stages takes a comma-separated subset; default all):
@@ -23,7 +24,7 @@
 # stage ends with a status line; a failed or timed-out stage does not stop the stages after it. Everything lands in RESULTS_DIR (default
 # benchmarks/results/gpu-GPU-DATE): log.txt, stages.tsv, summary.md, env.json, pip-list.txt,
 # nvidia-smi.txt, smoke.png, pytest.txt, pytest.xml, bench.json/.csv/.md. Exit status: 0 when every
-# stage run passed.
+# stage run passed. --archive also packs the results folder into one file (what a slot hands back).
 #
 # --dry-run: the same stages on the CPU, at the tiny preset, with the same wheel-only install into a
 # fresh virtual environment: the torch contenders run on the CPU (torch eager, fused, torch.compile)
@@ -42,6 +43,7 @@ WHEELS=$ROOT/.whl
 WORK=${SD_ENGINE_GPU_WORK:-/tmp/sd-engine-gpu}
 DEADLINE=${DEADLINE:-}
 OUT=
+ARCHIVE=
 ALL_STAGES=(setup plan model smoke tests bench)
 
 usage() { sed -n '3,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
@@ -63,6 +65,7 @@ while [ $# -gt 0 ]; do
         --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS=$2; shift ;;
         --work) [ $# -ge 2 ] || die "--work needs a folder"; WORK=$2; shift ;;
         --deadline) [ $# -ge 2 ] || die "--deadline needs seconds"; DEADLINE=$2; shift ;;
+        --archive) [ $# -ge 2 ] || die "--archive needs a file name"; ARCHIVE=$2; shift ;;
         --download-wheels) shift; download_wheels "${1:-}"; exit 0 ;;
         -h | --help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -277,6 +280,14 @@ for stage in "${ALL_STAGES[@]}"; do
 done
 if [ -x "$VPY" ] || [ -n "$(command -v "$PYTHON")" ]; then
     "$PYTHON" "$ROOT/benchmarks/gpu_summary.py" "$OUT" >"$OUT/summary.md" && cat "$OUT/summary.md"
+fi
+if [ -n "$ARCHIVE" ]; then
+    if tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; then
+        echo "== packed $OUT into $ARCHIVE"
+    else
+        echo "== could not pack $OUT into $ARCHIVE"
+        FAILED=1
+    fi
 fi
 echo "== done in $((SECONDS - START)) s: $([ "$FAILED" -eq 0 ] && echo 'every stage passed' || echo 'a stage failed');" \
     "results in $OUT"

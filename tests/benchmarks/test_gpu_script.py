@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def setup_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path
     base = tmp_path_factory.mktemp("gpu-check")
     wheels, work, results = base / "wheels", base / "work", base / "results"
     make_wheel(wheels)
-    stages = ("--dry-run", "--stages", "setup,plan")
+    stages = ("--dry-run", "--stages", "setup,plan", "--archive", str(base / "results.tar.gz"))
     done = gpu_sh(*stages, "--wheels", str(wheels), "--work", str(work), str(results))
     return done, work, results
 
@@ -142,6 +143,9 @@ def test_the_results_folder_records_the_environment_and_the_stages(setup_run: tu
     assert "| setup | ok |" in summary and "skipped tensorrt" in summary
     log = (results / "log.txt").read_text()
     assert "== setup: ok" in log and "== plan: ok" in log
+    with tarfile.open(results.parent / "results.tar.gz") as archive:  # one file for a slot to hand back
+        packed = set(archive.getnames())
+    assert {"results/env.json", "results/stages.tsv", "results/summary.md"} <= packed
 
 
 def test_every_gpu_step_has_a_skip_line(setup_run: tuple) -> None:
