@@ -31,9 +31,21 @@
 # and every CUDA contender prints its skip line. Proves the script before a GPU slot is spent.
 #
 # Wheels: the image lacks diffusers (and its importlib_metadata); benchmarks/gpu-wheels.txt pins
-# them. `--download-wheels` runs the one-line download (pure-Python wheels for Python 3.12,
-# manylinux x86_64) into .whl/ (ignored by git; about 6.4 MB), which travels with the tree.
+# them. `--download-wheels [DIR]` runs the one-line download into .whl/ (ignored by git; 6.4 MB):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+#     -d .whl -r benchmarks/gpu-wheels.txt
+# Copy .whl/ beside the tree to the GPU machine (a tool that copies only tracked files must be told
+# to take it). On a real run without them, setup stops the check if diffusers is missing.
+# Hand-back: a slot that returns only a few files wants `--archive FILE.tar.gz` (one file) and a
+# RESULTS_DIR outside the copied tree.
+#
+# Environment: PYTHON (default python3: the image's, with torch), STEPS, RUNS (50 and 3 on the GPU,
+# 4 and 1 in the dry run), BENCH_RESERVE (240), SD_ENGINE_GPU_WORK (the --work default,
+# /tmp/sd-engine-gpu: the venv, the model and the engine folder, reused across runs; one run at a time).
+# Relative paths are taken from where the command runs. RESULTS_DIR must be new or empty.
 set -uo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 PYTHON=${PYTHON:-python3}
@@ -48,6 +60,7 @@ ALL_STAGES=(setup plan model smoke tests bench)
 
 usage() { sed -n '3,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu.sh: $*" >&2; exit 2; }
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # from where it was run
 
 download_wheels() {  # download_wheels DIR: the one-line download, on a machine with network
     local dir=${1:-$ROOT/.whl}
@@ -61,15 +74,19 @@ download_wheels() {  # download_wheels DIR: the one-line download, on a machine 
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
-        --stages) [ $# -ge 2 ] || die "--stages needs a list, e.g. setup,model"; STAGES=$2; shift ;;
-        --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS=$2; shift ;;
-        --work) [ $# -ge 2 ] || die "--work needs a folder"; WORK=$2; shift ;;
+        --stages) { [ $# -ge 2 ] && [ -n "$2" ]; } || die "--stages needs a list, e.g. setup,model"; STAGES=$2; shift ;;
+        --wheels) [ $# -ge 2 ] || die "--wheels needs a folder"; WHEELS=$(absolute "$2"); shift ;;
+        --work) [ $# -ge 2 ] || die "--work needs a folder"; WORK=$(absolute "$2"); shift ;;
         --deadline) [ $# -ge 2 ] || die "--deadline needs seconds"; DEADLINE=$2; shift ;;
-        --archive) [ $# -ge 2 ] || die "--archive needs a file name"; ARCHIVE=$2; shift ;;
-        --download-wheels) shift; download_wheels "${1:-}"; exit 0 ;;
+        --archive) [ $# -ge 2 ] || die "--archive needs a file name"; ARCHIVE=$(absolute "$2"); shift ;;
+        --download-wheels)
+            [ $# -le 2 ] || die "--download-wheels takes one folder at most and no other option"
+            [ $# -lt 2 ] || [[ $2 != -* ]] || die "--download-wheels takes one folder at most and no other option"
+            download_wheels "$([ $# -eq 2 ] && absolute "$2")"
+            exit 0 ;;
         -h | --help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
-        *) [ -z "$OUT" ] || die "one RESULTS_DIR only, got $OUT and $1"; OUT=$1 ;;
+        *) [ -z "$OUT" ] || die "one RESULTS_DIR only, got $OUT and $1"; OUT=$(absolute "$1") ;;
     esac
     shift
 done
@@ -101,9 +118,20 @@ else
     DEFAULT_OUT=$ROOT/benchmarks/results/gpu-$GPU-$(date +%Y%m%d-%H%M%S)
 fi
 OUT=${OUT:-$DEFAULT_OUT}
-mkdir -p "$OUT" "$WORK" || die "cannot make $OUT or $WORK"
+[ ! -e "$WORK" ] || [ -d "$WORK" ] || die "--work must be a folder, got the file $WORK"
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || die "RESULTS_DIR must be a folder, got the file $OUT"
+[ ! -d "$OUT" ] || [ -z "$(ls -A "$OUT")" ] ||
+    die "RESULTS_DIR $OUT is not empty: give a new folder (the default is a dated one)"
+{ mkdir -p "$WORK" 2>/dev/null && [ -w "$WORK" ]; } || die "cannot write to the work folder $WORK"
+{ mkdir -p "$OUT" 2>/dev/null && [ -w "$OUT" ] && touch "$OUT/log.txt" 2>/dev/null; } ||
+    die "cannot write to the results folder $OUT"
+if [ -n "$ARCHIVE" ]; then
+    { [ -d "$(dirname "$ARCHIVE")" ] && [ -w "$(dirname "$ARCHIVE")" ]; } || die "cannot write the archive $ARCHIVE"
+fi
 OUT=$(cd "$OUT" && pwd)
 WORK=$(cd "$WORK" && pwd)
+exec 9>"$WORK/.lock"
+flock -n 9 || die "another gpu.sh is using the work folder $WORK: wait for it, or give --work another folder"
 VENV=$WORK/venv
 VPY=$VENV/bin/python
 SD_ENGINE=$VENV/bin/sd-engine
@@ -111,7 +139,15 @@ MODEL=$WORK/$PRESET-model
 ENGINE=$WORK/$PRESET-engine
 STAGE_FILE=$OUT/stages.tsv
 START=$SECONDS
-exec > >(tee -a "$OUT/log.txt") 2>&1
+# the log keeps going through Ctrl-C (tee ignores it): the summary of an interrupted run lands too
+exec > >(trap '' INT TERM; exec tee -a "$OUT/log.txt") 2>&1
+CHILD=
+INTERRUPTED=0
+on_signal() {  # stop the running command (its own process group, under timeout), then the stages
+    INTERRUPTED=1
+    [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
+}
+trap on_signal INT TERM
 echo "== sd-engine GPU check$([ "$DRY_RUN" -eq 1 ] && echo ' (dry run on the CPU)'): stages $STAGES," \
     "deadline ${DEADLINE} s, results in $OUT"
 printf 'stage\tstatus\tseconds\n' >"$STAGE_FILE"
@@ -133,7 +169,9 @@ run_stage() {
     STAGE_END=$((SECONDS + limit)) "stage_$name"
     status=$?
     local took=$((SECONDS - began)) word=ok
-    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    if [ "$INTERRUPTED" -eq 1 ]; then
+        word=interrupted
+    elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
         word="timed out after $limit s"
     elif [ "$status" -ne 0 ]; then
         word="failed (exit $status)"
@@ -144,9 +182,16 @@ run_stage() {
 }
 
 capped() {  # inside a stage: a command under what is left of the stage's cap (exit 124 past it)
-    local rest=$((STAGE_END - SECONDS))
+    local rest=$((STAGE_END - SECONDS)) status
+    [ "$INTERRUPTED" -eq 0 ] || return 130
     [ "$rest" -ge 1 ] || return 124
-    timeout --kill-after=10 "$rest" "$@"
+    timeout --kill-after=10 "$rest" "$@" </dev/null &
+    CHILD=$!
+    wait "$CHILD"
+    status=$?
+    while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; status=$?; done  # a signal cut the first wait short
+    CHILD=
+    return "$status"
 }
 
 image_paths() {  # the launcher's import path without the standard library and the source tree
@@ -163,7 +208,7 @@ EOF
 }
 
 stage_setup() {
-    rm -rf "$VENV"
+    rm -rf "$VENV" "$WORK/src" "$WORK/env.sh"
     # A venv made from a venv sees the base interpreter's packages, not the image's: a .pth file
     # puts the image's import path after the venv's own site-packages, so carried wheels win.
     "$PYTHON" -m venv --without-pip "$VENV" || { echo "could not make a virtual environment in $VENV"; return 1; }
@@ -186,16 +231,19 @@ stage_setup() {
             "(bash benchmarks/gpu.sh --download-wheels fills it where there is network)"
     fi
     echo "installing them and sd-engine from $ROOT (built with the image's setuptools), without dependencies"
+    # built from a copy: the build leaves nothing in the tree, and nothing stale from it goes in
+    { mkdir -p "$WORK/src" && tar -C "$ROOT" --exclude=__pycache__ -cf - pyproject.toml README.md engine |
+        tar -C "$WORK/src" -xf -; } || { echo "could not copy the source to $WORK/src"; return 1; }
     # the image's pip, run by the venv's python, installs into the venv (scripts in its bin/);
     # --ignore-installed: what the image has of the same name stays, the venv's copy comes first
     PIP_ROOT_USER_ACTION=ignore capped "$VPY" -m pip install --disable-pip-version-check --no-index \
-        --no-deps --ignore-installed --no-build-isolation --no-compile -q "${wheels[@]}" "$ROOT" ||
+        --no-deps --ignore-installed --no-build-isolation --no-compile -q "${wheels[@]}" "$WORK/src" ||
         { echo "installing the carried wheels and the project failed"; return 1; }
     "$VPY" -m pip list --disable-pip-version-check --path "$site" 2>/dev/null >"$OUT/venv-packages.txt"
     "$VPY" -m pip list --disable-pip-version-check 2>/dev/null >"$OUT/pip-list.txt"
     if [ "$DRY_RUN" -eq 0 ]; then nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1; fi
-    (cd "$WORK" && capped "$VPY" "$ROOT/benchmarks/gpu_env.py" --device "$DEVICE" --site "$site" \
-        --wheels "$WHEELS" --json "$OUT/env.json" --shell "$WORK/env.sh")
+    capped "$VPY" "$ROOT/benchmarks/gpu_env.py" --device "$DEVICE" --site "$site" --wheels "$WHEELS" \
+        --json "$OUT/env.json" --shell "$WORK/env.sh"
 }
 
 # bench_args DEVICE CONTENDERS SIZE STEPS RUNS REFERENCE: the benchmark's arguments, into ARGS
@@ -217,8 +265,12 @@ stage_plan() {  # what the benchmark will run and skip, from `sd-engine bench --
     fi
 }
 
+needs_setup() {  # the venv and sd-engine in it, or a line saying to run setup first
+    [ -x "$SD_ENGINE" ] || { echo "no sd-engine in $VENV: run the setup stage first"; return 1; }
+}
+
 stage_model() {
-    [ -x "$VPY" ] || { echo "no virtual environment: run the setup stage first"; return 1; }
+    needs_setup || return 1
     # shellcheck source=/dev/null
     [ -f "$WORK/env.sh" ] && . "$WORK/env.sh"
     if [ ! -f "$MODEL/model_index.json" ]; then
@@ -247,6 +299,7 @@ stage_model() {
 }
 
 stage_smoke() {
+    needs_setup || return 1
     [ -f "$ENGINE/manifest.json" ] || { echo "no engine folder: run the model stage first"; return 1; }
     capped "$SD_ENGINE" generate "$ENGINE" "a lighthouse on a cliff at dusk" --backend "$BACKEND" \
         --steps 4 --size "${SIZE}x${SIZE}" --seed 1 -o "$OUT/smoke.png" || return 1
@@ -255,14 +308,22 @@ stage_smoke() {
 
 stage_tests() {
     local status
+    needs_setup || return 1
     capped "$VPY" -m pytest tests/backends tests/tensorrt -m "gpu or tensorrt" -ra -p no:cacheprovider \
-        --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.txt"
-    status=${PIPESTATUS[0]}
+        --junitxml "$OUT/pytest.xml" >"$OUT/pytest.txt" 2>&1
+    status=$?
+    cat "$OUT/pytest.txt"
     [ "$status" -eq 5 ] && { echo "pytest selected no GPU test"; return 1; }
-    return "$status"
+    [ "$status" -eq 0 ] || return "$status"
+    if ! grep -qE '[0-9]+ passed' "$OUT/pytest.txt"; then
+        [ "$DRY_RUN" -eq 1 ] && { echo "dry run: every GPU test skips on the CPU, as it should"; return 0; }
+        echo "no GPU test ran: every one skipped (the reasons are in pytest.txt)"
+        return 1
+    fi
 }
 
 stage_bench() {
+    needs_setup || return 1
     [ -f "$ENGINE/manifest.json" ] || { echo "no engine folder: run the model stage first"; return 1; }
     bench_args "$DEVICE" "$CONTENDERS" "$SIZE" "$STEPS" "$RUNS" "$REFERENCE"
     capped "$SD_ENGINE" bench "${ARGS[@]}" --out "$OUT" --name bench
@@ -277,6 +338,14 @@ for stage in "${ALL_STAGES[@]}"; do
         setup) cap=150 ;; plan) cap=60 ;; model) cap=240 ;; smoke) cap=90 ;; tests) cap=180 ;; bench) cap=1200 ;;
     esac
     run_stage "$stage" "$cap" "$reserve" || FAILED=1
+    if [ "$INTERRUPTED" -eq 1 ]; then
+        echo "== interrupted during $stage: the stages after it did not run"
+        break
+    fi
+    if [ "$stage" = setup ] && [ "$FAILED" -eq 1 ]; then
+        echo "== setup failed: every later stage runs in its environment, so the check stops here"
+        break
+    fi
 done
 if [ -x "$VPY" ] || [ -n "$(command -v "$PYTHON")" ]; then
     "$PYTHON" "$ROOT/benchmarks/gpu_summary.py" "$OUT" >"$OUT/summary.md" && cat "$OUT/summary.md"
@@ -289,6 +358,7 @@ if [ -n "$ARCHIVE" ]; then
         FAILED=1
     fi
 fi
+[ "$INTERRUPTED" -eq 1 ] && { echo "== interrupted after $((SECONDS - START)) s; results so far in $OUT"; exit 130; }
 echo "== done in $((SECONDS - START)) s: $([ "$FAILED" -eq 0 ] && echo 'every stage passed' || echo 'a stage failed');" \
     "results in $OUT"
 exit "$FAILED"

@@ -63,6 +63,13 @@ def package(module: str, dist: str, site: Path) -> dict[str, Any]:
     return {"version": version, "origin": "venv" if inside else "image", "path": str(where)}
 
 
+def wheel_sizes(folder: Path) -> dict[str, int]:
+    """The carried wheels: file name -> bytes."""
+    if not folder.is_dir():
+        return {}
+    return {path.name: path.stat().st_size for path in sorted(folder.glob("*.whl")) if path.is_file()}
+
+
 def gpu_info() -> dict[str, Any]:
     import torch
 
@@ -135,7 +142,7 @@ def main() -> int:
         "device": args.device,
         "gpu": gpu,
         "packages": packages,
-        "wheels": sorted(p.name for p in args.wheels.glob("*.whl")) if args.wheels.is_dir() else [],
+        "wheels": wheel_sizes(args.wheels),
         "skipped": {"tensorrt": trt, "onnxruntime_cuda": ort},
     }
     args.json.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -27,6 +27,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def wheel_list(wheels: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({size / 2**20:.1f} MiB)" for name, size in wheels.items()) or "none"
+
+
 def stage_lines(path: Path) -> list[str]:
     if not path.is_file():
         return []
@@ -79,7 +83,22 @@ def bench_lines(report: dict[str, Any]) -> list[str]:
     ]
     lines += [bench_row(name, entry, base_it_s) for name, entry in contenders.items()]
     fp32 = config["psnr_reference"] in ("cpu-fp32", "cuda-fp32")
-    return [*lines, "", *goal_lines(contenders, base_it_s, config["device"], fp32)]
+    return [*lines, "", *notes(report), *goal_lines(contenders, base_it_s, config["device"], fp32)]
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """What to keep in mind reading the table: a dry run measures nothing, the machine's load, and
+    what the device column means for an eager contender."""
+    load = report.get("load_average") or {}
+    lines = [f"- load average at start / end: {load.get('start')} / {load.get('end')}"]
+    if report["config"]["device"] == "cpu":
+        lines.insert(0, "- dry run on the CPU: the figures show the stages ran, they measure nothing")
+    else:
+        lines.append(
+            "- UNet device ms/step: CUDA events around each UNet call; for diffusers (eager, nothing "
+            "waits in its loop) that span includes any time the GPU waits for kernel launches"
+        )
+    return lines
 
 
 def goal_lines(
@@ -120,7 +139,7 @@ def goal_lines(
 
 def main(results: Path) -> int:
     env = read_json(results / "env.json")
-    report = read_json(results / "bench.json")
+    report = read_json(results / "bench.json") or read_json(results / "bench.partial.json")
     out = [f"# sd-engine GPU check: {results.name}", ""]
     if env:
         gpu = env.get("gpu") or {}
@@ -129,7 +148,7 @@ def main(results: Path) -> int:
             f"Python {env.get('python')}, device {env.get('device')}, GPU {gpu.get('name', 'none')}; "
             f"torch {versions.get('torch')} (CUDA {gpu.get('torch_cuda')}), diffusers "
             f"{versions.get('diffusers')}, transformers {versions.get('transformers')}, cuda-bindings "
-            f"{versions.get('cuda.bindings')}; carried wheels: {', '.join(env.get('wheels', [])) or 'none'}."
+            f"{versions.get('cuda.bindings')}; carried wheels: {wheel_list(env.get('wheels') or {})}."
         )
         out += [""] + [f"- skipped {k}: {v}" for k, v in (env.get("skipped") or {}).items() if v]
         out.append("")

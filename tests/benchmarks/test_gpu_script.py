@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -71,6 +72,8 @@ def make_wheel(folder: Path, version: str = "1.2.3") -> Path:
         (("--dry-run", "--deadline", "soon"), "--deadline must be whole seconds"),
         (("--dry-run", "--stages"), "--stages needs a list"),
         (("--dry-run", "a", "b"), "one RESULTS_DIR only"),
+        (("--dry-run", "--stages", ""), "--stages needs a list"),
+        (("--download-wheels", "--dry-run"), "--download-wheels takes one folder at most"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: tuple[str, ...], needle: str) -> None:
@@ -133,7 +136,8 @@ def test_the_results_folder_records_the_environment_and_the_stages(setup_run: tu
     done, work, results = setup_run
     assert done.returncode == 0, done.stdout[-3000:]
     env = json.loads((results / "env.json").read_text())
-    assert env["device"] == "cpu" and env["wheels"] == [f"{PROBE}-1.2.3-py3-none-any.whl"]
+    wheel = f"{PROBE}-1.2.3-py3-none-any.whl"
+    assert env["device"] == "cpu" and list(env["wheels"]) == [wheel] and env["wheels"][wheel] > 0
     assert env["packages"]["engine"]["origin"] == "venv"  # the installed copy
     assert (work / "venv" / "bin" / "sd-engine").is_file()  # its console script, in the venv
     stages = (results / "stages.tsv").read_text().splitlines()
@@ -211,3 +215,59 @@ def test_the_summary_of_stages_that_wrote_nothing_else(tmp_path: Path) -> None:
     (tmp_path / "stages.tsv").write_text("stage\tstatus\tseconds\nsetup\tfailed (exit 1)\t3\n")
     text = summarize(tmp_path)
     assert "| setup | failed (exit 1) | 3 |" in text and "## Benchmark" not in text
+
+
+def test_results_and_work_folders_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "bench.json").write_text("{}")  # an earlier run's: never presented as this run's
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, needle in [
+        ((str(used),), f"RESULTS_DIR {used} is not empty"),
+        ((str(a_file),), f"RESULTS_DIR must be a folder, got the file {a_file}"),
+        (("--work", str(a_file), str(tmp_path / "r")), f"--work must be a folder, got the file {a_file}"),
+    ]:
+        done = gpu_sh("--dry-run", "--stages", "plan", *args)
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_relative_paths_are_taken_from_where_it_runs(tmp_path: Path) -> None:
+    done = gpu_sh("--dry-run", "--stages", "plan", "--work", "w", "results", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (tmp_path / "results" / "stages.tsv").is_file() and (tmp_path / "w").is_dir()
+    assert not (ROOT / "results").exists()
+
+
+def test_one_run_at_a_time_per_work_folder(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    with (work / ".lock").open("w") as held:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = gpu_sh("--dry-run", "--stages", "plan", "--work", str(work), str(tmp_path / "r"))
+    assert done.returncode == 2 and f"another gpu.sh is using the work folder {work}" in done.stderr
+
+
+def test_an_interrupted_run_says_so_and_keeps_its_records(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["--dry-run", "--wheels", str(wheels), "--work", str(tmp_path / "w"), str(tmp_path / "r")]
+    process = subprocess.Popen(
+        ["bash", str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert process.stdout is not None
+    for line in process.stdout:  # the setup stage is under way: its install takes seconds
+        if line.startswith("installing them and sd-engine"):
+            process.send_signal(signal.SIGTERM)
+            break
+    out = process.stdout.read()
+    assert process.wait(timeout=60) == 130
+    assert "== interrupted during setup" in out
+    stages = (tmp_path / "r" / "stages.tsv").read_text().splitlines()
+    assert stages[1].split("\t")[:2] == ["setup", "interrupted"] and len(stages) == 2
+    assert "| setup | interrupted |" in (tmp_path / "r" / "summary.md").read_text()
