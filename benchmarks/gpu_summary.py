@@ -154,7 +154,11 @@ def main(results: Path) -> int:
         out.append("")
     out += stage_lines(results / "stages.tsv")
     if report:
-        out += ["", "## Benchmark", "", *bench_lines(report)]
+        out += ["", "## Benchmark", ""]
+        if report.get("partial"):
+            not_run = ", ".join(report.get("not_run") or []) or "none"
+            out += [f"PARTIAL: the bench stage stopped before it finished; not run: {not_run}.", ""]
+        out += bench_lines(report)
     print("\n".join(out))
     return 0
 

@@ -4,7 +4,8 @@ The parent records ``time.time()`` just before spawning and passes it, so the co
 the interpreter's own start: process start to first image (imports, loading, the first run). The
 child writes ``result.json`` (timeline, every sample, peak RSS) and ``first.png`` (the first image
 of its first run, for the PSNR against the baseline) into the spec's folder. Its stdout is the
-parent's stderr; the parent's stdout carries only the report.
+parent's stderr; the parent's stdout carries only the report. A failure is a result too: status
+``failed`` and one line of error (an unexpected exception's traceback goes to stderr).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import resource
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,14 @@ def save_image(image: Any, path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
+def describe_error(error: BaseException, limit: int = 500) -> str:
+    """``"OSError: Unable to load weights ..."``: the type and the message's first ``limit`` characters,
+    on one line."""
+    message = " ".join(str(error).split())
+    message = message if len(message) <= limit else message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def main(argv: list[str]) -> int:
     entered = time.time()
     spec = ChildSpec.from_json(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
@@ -116,6 +126,9 @@ def main(argv: list[str]) -> int:
         result = measure(spec, spawn_time, entered, progress)
     except (EngineError, ValueError) as error:
         result = {"status": "failed", "error": str(error)}
+    except Exception as error:  # a library's own failure (a corrupt weights file, ...): its traceback
+        traceback.print_exc()  # goes to the log, its type and message into the result
+        result = {"status": "failed", "error": describe_error(error)}
     (spec.out_dir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0 if result["status"] == "ok" else 1
 

@@ -3,6 +3,10 @@ manner of TensorRT's diffusion demo), the same table in markdown, and a summary 
 
 Each non-baseline cell carries its ratio to the baseline in parentheses: a speedup for times and
 rates (above 1 is better), the RSS ratio for memory (below 1 is less).
+
+A partial report (``"partial": true``, written while a run goes on and left behind when it is killed)
+says so above the table, and its contenders that did not run show "not run"; a failed fp32 PSNR
+reference (``config.psnr_reference_error``) leaves the PSNR row empty and its reason above the table.
 """
 
 from __future__ import annotations
@@ -60,6 +64,24 @@ def describe_run(report: Mapping[str, Any]) -> str:
         f"batch {w['batch_size']}; {c['runs']} timed runs after {c['warmup']} warm-up; "
         f"{m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB; {report['created']}"
     )
+
+
+def notes(report: Mapping[str, Any]) -> list[str]:
+    """Lines to read before the table: the report is partial (and which contenders did not run), the
+    PSNR reference run failed (and why)."""
+    out = []
+    if report.get("partial"):
+        not_run = report.get("not_run") or []
+        if not_run:
+            out.append(
+                "PARTIAL REPORT: the benchmark stopped before it finished; not run: " + ", ".join(not_run)
+            )
+        else:
+            out.append("PARTIAL REPORT: every contender ran, the benchmark stopped before its final files")
+    error = report["config"].get("psnr_reference_error")
+    if error:
+        out.append(f"PSNR column empty: {error}")
+    return out
 
 
 def _stage_rows(entries: list[Mapping[str, Any]]) -> list[Row]:
@@ -123,7 +145,7 @@ def table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[Row], list[Ro
     baseline = report["config"]["baseline"]
     entries = []
     for name, entry in report["contenders"].items():
-        error = f"{entry['status']}: {entry.get('error', '')}" if entry["status"] != "ok" else MISSING
+        error = _status(entry) if entry["status"] != "ok" else MISSING
         entries.append({**entry, "is_baseline": name == baseline, "error_cell": error[:60]})
     titles = [e["label"] for e in entries]
     measured = [bool(e.get("summary")) for e in entries]
@@ -135,6 +157,12 @@ def table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[Row], list[Ro
     ]
     pipeline.append((f"PSNR of first image vs {reference}", psnr))
     return titles, _shown(_stage_rows(entries), measured), pipeline
+
+
+def _status(entry: Mapping[str, Any]) -> str:
+    """``"failed: REASON"``, ``"skipped: REASON"``, ``"not run: REASON"``, or the status alone."""
+    error = entry.get("error")
+    return f"{entry['status']}: {error}" if error else str(entry["status"])
 
 
 def _shown(rows: list[Row], measured: list[bool]) -> list[Row]:
@@ -171,7 +199,7 @@ def render_terminal(report: Mapping[str, Any]) -> str:
             parts = [label.ljust(label_w), *(c.rjust(w) for c, w in zip(cells, widths, strict=True))]
         return "| " + " | ".join(parts) + " |"
 
-    out = [describe_run(report), rule, line("Module", titles, center=True), rule]
+    out = [describe_run(report), *notes(report), rule, line("Module", titles, center=True), rule]
     out += [line(label, cells) for label, cells in stages]
     out += [rule, line("Pipeline", titles, center=True), rule]
     out += [line(label, cells) for label, cells in pipeline]
@@ -196,6 +224,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Row], text_columns: int = 1)
 def render_markdown(report: Mapping[str, Any]) -> str:
     titles, stages, pipeline = table_rows(report)
     out = [f"**{describe_run(report)}**", ""]
+    out += [line for note in notes(report) for line in (f"**{note}**", "")]
     out += _md_table(["Module", *titles], stages)
     out += [""]
     out += _md_table(["Pipeline", *titles], pipeline)
@@ -214,7 +243,7 @@ def render_summary(reports: Sequence[Mapping[str, Any]]) -> str:
         for name, e in report["contenders"].items():
             s, r = e.get("summary"), e.get("ratios")
             if not s:
-                rows.append((size, [e["label"], f"failed: {e.get('error', '')}"[:60], *[MISSING] * 7]))
+                rows.append((size, [e["label"], _status(e)[:60], *[MISSING] * 7]))
                 continue
             speed = MISSING if name == report["config"]["baseline"] or not r else _speed(r)
             psnr = MISSING if name == report["config"]["baseline"] else fmt_psnr(e.get("agreement"))

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ from engine.bench.config import (
 )
 from engine.bench.machine import load_average, machine_info, software_info
 from engine.bench.stats import finalize, image_agreement
-from engine.errors import EngineError
 
 SCHEMA = "sd-engine-bench/1"
 READ_CHUNK = 16 * 2**20
@@ -49,6 +49,9 @@ STATISTICS_NOTE = (
 )
 # --psnr-reference -> where its diffusers fp32 run happens
 REFERENCE_DEVICES = {REFERENCE_CPU_FP32: Device.CPU, REFERENCE_CUDA_FP32: Device.CUDA}
+# A partial report's entry for a contender that has not run (or was cut off) when it was written.
+NOT_RUN = "not run"
+NOT_RUN_REASON = "the benchmark stopped before it finished"
 
 
 def files_loaded_by(contender: Contender, config: BenchConfig) -> list[Path]:
@@ -134,48 +137,60 @@ def reference_spec(config: BenchConfig, out_dir: Path, device: Device = Device.C
     )
 
 
-def run_reference(config: BenchConfig, tmp: Path, say: Callable[[str], None]) -> np.ndarray | None:
-    """The reference image for the PSNR column (diffusers fp32 on the CPU or on the CUDA GPU, one
-    extra untimed run), or None when that is the baseline's first image."""
+@dataclass(frozen=True)
+class Reference:
+    """The PSNR reference's image (HxWx3 uint8), or why there is none.
+
+    Both None: the reference is the baseline's first image (``--psnr-reference baseline``).
+    """
+
+    image: np.ndarray | None = None
+    error: str | None = None
+
+
+def run_reference(config: BenchConfig, tmp: Path, say: Callable[[str], None]) -> Reference:
+    """The reference for the PSNR column: diffusers fp32 on the CPU or on the CUDA GPU (one extra
+    untimed run), or nothing when that is the baseline's first image.
+
+    A failed reference run does not stop the benchmark: it is said in one line and returned as the
+    error, and the PSNR column stays empty (never compared with the baseline instead).
+    """
     device = REFERENCE_DEVICES.get(config.psnr_reference)
     if device is None:
-        return None
+        return Reference()
     where = "the CPU" if device is Device.CPU else "the CUDA GPU"
     say(f"[reference] diffusers fp32 on {where}: one run for the PSNR column")
     out_dir = tmp / "reference"
     result = run_child(reference_spec(config, out_dir, device))
     if result["status"] != "ok":
-        raise EngineError(f"the fp32 {device.value.upper()} reference run failed: {result['error']}")
-    return load_image(out_dir / FIRST_IMAGE)
+        error = f"the fp32 {device.value.upper()} reference run failed: {one_line(result['error'])}"
+        say(f"[reference] {error}; the contenders run, the PSNR column stays empty")
+        return Reference(error=error)
+    return Reference(load_image(out_dir / FIRST_IMAGE))
 
 
-def run_contenders(
-    config: BenchConfig, say: Callable[[str], None]
-) -> tuple[dict[str, dict[str, Any]], np.ndarray | None]:
-    """Every contender in order (each result carries its first image under ``"image"``), and the
-    reference image when the PSNR reference is not the baseline."""
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="sd-engine-bench-") as tmp:
-        reference = run_reference(config, Path(tmp), say)
-        for number, contender in enumerate(config.contenders, start=1):
-            say(
-                f"[{number}/{len(config.contenders)}] {contender.label}: {config.warmup} warm-up + "
-                f"{config.runs} timed runs"
-            )
-            if config.prewarm_files:
-                read_files(files_loaded_by(contender, config))
-            out_dir = Path(tmp) / f"{number:02d}"
-            result = {"label": contender.label, **run_child(child_spec(config, contender, out_dir))}
-            if result["status"] == "ok":
-                result["image"] = load_image(out_dir / FIRST_IMAGE)
-            else:
-                say(f"  {contender.name} failed: {result['error']}")
-            results[contender.name] = result
-    for name, reason in config.skipped:
-        label = Contender.parse(name).label
-        results[name] = {"label": label, "status": "skipped", "error": reason}
-        say(f"skipped {name}: {reason}")
-    return results, reference
+def one_line(text: str) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+def run_contender(config: BenchConfig, number: int, tmp: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Contender ``number`` (1-based) in its own process: its result, with its first image under
+    ``"image"`` when it ran."""
+    contender = config.contenders[number - 1]
+    say(
+        f"[{number}/{len(config.contenders)}] {contender.label}: {config.warmup} warm-up + "
+        f"{config.runs} timed runs"
+    )
+    if config.prewarm_files:
+        read_files(files_loaded_by(contender, config))
+    out_dir = tmp / f"{number:02d}"
+    result = {"label": contender.label, **run_child(child_spec(config, contender, out_dir))}
+    if result["status"] == "ok":
+        result["image"] = load_image(out_dir / FIRST_IMAGE)
+    else:
+        say(f"  {contender.name} failed: {result['error']}")
+    return result
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -186,12 +201,10 @@ def load_image(path: Path) -> np.ndarray:
 
 
 def add_agreement(
-    results: dict[str, dict[str, Any]], baseline: str, reference: np.ndarray | None = None
+    results: dict[str, dict[str, Any]], reference: np.ndarray | None
 ) -> dict[str, dict[str, Any]]:
-    """Each contender's first image against the reference, by default the baseline's (PSNR, max abs
-    diff); images dropped."""
-    if reference is None:
-        reference = results.get(baseline, {}).get("image")
+    """Each contender's first image against ``reference`` (PSNR, max abs diff), none when there is no
+    reference; images dropped."""
     out = {}
     for name, result in results.items():
         entry = {k: v for k, v in result.items() if k != "image"}
@@ -201,19 +214,77 @@ def add_agreement(
     return out
 
 
-def measure(config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    """Run the benchmark and build its report (machine, software, config, samples, summaries)."""
-    created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-    load_start = load_average()
-    results, reference = run_contenders(config, say)
+def reference_image(
+    config: BenchConfig, results: dict[str, dict[str, Any]], reference: Reference
+) -> np.ndarray | None:
+    """What the PSNR column compares with: the fp32 reference when one was asked for (None when its
+    run failed), else the baseline's first image (None until the baseline has run, or when it failed)."""
+    if config.psnr_reference in REFERENCE_DEVICES:
+        return reference.image
+    return results.get(config.baseline.name, {}).get("image")
+
+
+def build_report(
+    head: dict[str, Any],
+    config: BenchConfig,
+    results: dict[str, dict[str, Any]],
+    reference: Reference,
+    load_start: list[float] | None,
+) -> dict[str, Any]:
+    """The report from the results so far, finalized (summaries, ratios, agreement).
+
+    Contenders that have not run yet (``results`` lacks them) make it partial: ``"partial": true``,
+    their names under ``"not_run"``, and each an entry of status ``"not run"``. Skipped contenders
+    come last, as in a complete report. A failed reference's reason is ``config.psnr_reference_error``.
+    """
+    not_run = [c for c in config.contenders if c.name not in results]
+    contenders = add_agreement(results, reference_image(config, results, reference))
+    for contender in not_run:
+        contenders[contender.name] = {"label": contender.label, "status": NOT_RUN, "error": NOT_RUN_REASON}
+    for name, reason in config.skipped:
+        contenders[name] = {"label": Contender.parse(name).label, "status": "skipped", "error": reason}
+    failed = {} if reference.error is None else {"psnr_reference_error": reference.error}
     report = {
+        **head,
+        "config": {**head["config"], **failed},
+        "load_average": {"start": load_start, "end": load_average()},
+        "statistics": STATISTICS_NOTE,
+        "contenders": contenders,
+    }
+    if not_run:
+        report = {**report, "partial": True, "not_run": [c.name for c in not_run]}
+    return finalize(report)
+
+
+def measure(
+    config: BenchConfig,
+    say: Callable[[str], None],
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and build its report (machine, software, config, samples, summaries).
+
+    ``checkpoint``, when given, receives the report so far (:func:`build_report`, partial) after the
+    reference run and after every contender, before the next one starts: what a run that is killed
+    can keep. The report returned at the end is complete (no ``partial`` field).
+    """
+    head = {
         "schema": SCHEMA,
-        "created": created,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "machine": machine_info(),
         "software": software_info(),
         "config": config.to_json(),
-        "load_average": {"start": load_start, "end": load_average()},
-        "statistics": STATISTICS_NOTE,
-        "contenders": add_agreement(results, config.baseline.name, reference),
     }
-    return finalize(report)
+    load_start = load_average()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sd-engine-bench-") as tmp:
+        reference = run_reference(config, Path(tmp), say)
+        for number, contender in enumerate(config.contenders, start=1):
+            if checkpoint is not None:
+                checkpoint(build_report(head, config, results, reference, load_start))
+            results[contender.name] = run_contender(config, number, Path(tmp), say)
+    report = build_report(head, config, results, reference, load_start)
+    if checkpoint is not None:
+        checkpoint({**report, "partial": True, "not_run": []})
+    for name, reason in config.skipped:
+        say(f"skipped {name}: {reason}")
+    return report

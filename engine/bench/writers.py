@@ -1,4 +1,5 @@
-"""Report files: JSON (everything), CSV (one row per sample), markdown (the table), PNG chart.
+"""Report files: JSON (everything), CSV (one row per sample), markdown (the table), PNG chart, and the
+partial JSON a run keeps up to date while it goes on (NAME.partial.json, removed when it completes).
 
 The chart needs matplotlib, an optional extra (``pip install "sd-engine[bench]"``); the rest only
 the standard library.
@@ -39,6 +40,14 @@ def _networks(summary: Mapping[str, Any]) -> float:
 def write_json(report: Mapping[str, Any], path: Path) -> Path:
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def write_partial(report: Mapping[str, Any], path: Path) -> Path:
+    """The report so far as JSON, written atomically (``engine.fsutil.write_atomic``): a run killed
+    while writing it leaves the previous version whole, never half a file."""
+    from engine.fsutil import write_atomic
+
+    return write_atomic(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -8,14 +8,23 @@ torch-cuda:graph+fused+compile,tensorrt:graph+fused
 
 ``add_command`` registers the subcommand on the `sd-engine` parser; ``main`` runs it alone
 (benchmarks/run.py). User mistakes raise :class:`EngineError` (one line, exit 1); a regression
-found by ``--compare`` exits with ``EXIT_REGRESSION``.
+found by ``--compare`` exits with ``EXIT_REGRESSION``; ``--dry-run`` exits 1 when the run would be
+refused.
+
+With ``--out``, a run keeps ``OUT/NAME.partial.json`` up to date (after the PSNR reference run and
+after every contender, written atomically): a run killed by a time cap leaves what it measured, and
+``--report OUT/NAME.partial.json`` renders it. A run that completes writes NAME.json / .csv / .md and
+removes the partial file. A failed PSNR reference run does not stop the run: the PSNR column stays
+empty with its reason, and the command exits 1 at the end, as for a failed contender.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,8 @@ from engine.bench.progress import say
 from engine.errors import EngineError
 
 EXIT_REGRESSION = 3
+EXIT_REFUSED = 1  # --dry-run: the real run would refuse to start
+PARTIAL_SUFFIX = ".partial.json"
 DEFAULT_CONTENDERS = "diffusers,onnxruntime"
 MAX_SEED = 2**32 - 1
 
@@ -111,14 +122,22 @@ def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
         choices=list(PSNR_REFERENCES),
         default="baseline",
         help="compare each first image with the baseline's (default), or with diffusers fp32 on the CPU "
-        "or on the CUDA GPU (cuda-fp32 needs --device cuda; one extra untimed run)",
+        "or on the CUDA GPU (cuda-fp32 needs --device cuda; one extra untimed run; if it fails, the "
+        "contenders still run and the PSNR column stays empty, with the reason)",
     )
     group.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the contenders and workload, print what would run, run nothing (no model needed)",
+        help="check the contenders and workload, print what would run, run nothing (no model needed); "
+        "exit status 1 when the run would be refused",
     )
-    group.add_argument("--out", type=Path, metavar="DIR", help="write NAME.json, .csv, .md (and .png) here")
+    group.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write NAME.json, .csv, .md (and .png) here; while the run goes on, NAME.partial.json holds "
+        "the results so far (left behind by a run that is killed; --report renders it)",
+    )
     group.add_argument("--name", help="file name stem (default: MACHINE-MODEL-SIZE-DATE)")
     group.add_argument(
         "--chart", action="store_true", help="also a PNG of the per-stage breakdown (matplotlib)"
@@ -137,22 +156,27 @@ def _add_output_arguments(cmd: argparse.ArgumentParser) -> None:
     group.add_argument("--summary", type=Path, metavar="FILE.md", help="one markdown table over all reports")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """The subcommand; ValueError from validation becomes a one-line EngineError."""
+def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = say) -> int:
+    """The subcommand; ValueError from validation becomes a one-line EngineError.
+
+    ``progress`` receives the run's progress lines (stderr by default); a partial report file, when
+    written, is up to date whenever it receives a contender's "[N/M]" line.
+    """
     try:
-        return _bench(args)
+        return _bench(args, progress)
     except ValueError as error:
         raise EngineError(str(error)) from None
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     from engine.bench.compare import check_comparable, compare, read_report, render_changes
     from engine.bench.report import render_terminal
 
     check_output_options(args)
     if args.dry_run:
-        print(dry_run(args), flush=True)
-        return 0
+        plan = dry_run(args)
+        print(plan.text, flush=True)
+        return EXIT_REFUSED if plan.refused else 0
     before = read_report(args.compare) if args.compare else None
     if args.report:
         reports = [read_report(path) for path in args.report]
@@ -162,7 +186,8 @@ def _bench(args: argparse.Namespace) -> int:
         config = build_config(args)
         if before is not None:  # refuse before spending minutes, not after
             check_comparable(before, {"config": config.to_json()})
-        reports = [measure(config, say)]
+        checkpoint = functools.partial(save_partial, out=args.out, name=args.name) if args.out else None
+        reports = [measure(config, progress, checkpoint)]
     for report in reports:
         print(render_terminal(report), flush=True)
     write_outputs(reports, args)
@@ -193,11 +218,22 @@ def check_output_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--summary folder does not exist: {args.summary.parent}")
 
 
-def dry_run(args: argparse.Namespace) -> str:
+@dataclass(frozen=True)
+class Plan:
+    """What ``--dry-run`` prints, and whether the real run would refuse to start (a contender that
+    cannot run here and is not skipped, the baseline above all: it is never skipped)."""
+
+    text: str
+    refused: bool
+
+
+def dry_run(args: argparse.Namespace) -> Plan:
     """What a run would do: each contender and its backend options, or why it would be skipped (with
     --skip-unavailable) or refused.
 
-    Checks the contenders, workload and devices' rules, but not whether a GPU is present.
+    Checks the contenders, workload and devices' rules, but not whether a GPU is present. ValueError
+    for what the run refuses before looking at contenders (bad workload, a contender on the wrong
+    device without --skip-unavailable).
     """
     from engine.bench.config import Device, check_psnr_reference, parse_contenders, parse_size, unavailable
     from engine.bench.contenders import backend_options
@@ -211,6 +247,7 @@ def dry_run(args: argparse.Namespace) -> str:
         f"dry run: {width}x{height}, {args.steps} steps, {args.runs} timed runs, device {device.value}, "
         f"PSNR against {args.psnr_reference}"
     ]
+    refused = False
     for number, contender in enumerate(contenders, start=1):
         if number == 1 or not args.skip_unavailable:
             contender.check_device(device)  # refused, as the run would
@@ -220,10 +257,11 @@ def dry_run(args: argparse.Namespace) -> str:
         if reason:
             skips = args.skip_unavailable and number > 1  # the baseline is never skipped
             state = f"would skip: {reason}" if skips else f"would refuse the run: {reason}"
+            refused = refused or not skips
         else:
             state = f"options {options}{fused}"
         lines.append(f"  [{number}] {contender.name} ({contender.label}): {state}")
-    return "\n".join(lines)
+    return Plan("\n".join(lines), refused)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -322,6 +360,30 @@ def default_name(report: dict[str, Any]) -> str:
     return f"{kind}-{config['model']}-{size}-{report['created'][:10] or date.today().isoformat()}"
 
 
+def output_stem(report: dict[str, Any], name: str | None) -> str:
+    """A run's file name stem: ``--name``, else :func:`default_name`, which the report's first partial
+    version already fixes (its machine, model, size and start date)."""
+    return name or default_name(report)
+
+
+def partial_path(report: dict[str, Any], out: Path, name: str | None) -> Path:
+    """``OUT/STEM.partial.json``: where a run keeps its report so far."""
+    return out / f"{output_stem(report, name)}{PARTIAL_SUFFIX}"
+
+
+def save_partial(report: dict[str, Any], out: Path, name: str | None) -> None:
+    """Write the report so far (``runner.measure``'s checkpoint). A write that fails is said in one
+    line and the run goes on: the final files may still be written."""
+    from engine.bench.writers import write_partial
+
+    path = partial_path(report, out, name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_partial(report, path)
+    except OSError as error:
+        say(f"warning: cannot write the partial report {path}: {error}")
+
+
 def write_outputs(reports: list[dict[str, Any]], args: argparse.Namespace) -> None:
     from engine.bench.report import render_summary
     from engine.bench.writers import write_chart, write_csv, write_json, write_markdown
@@ -339,18 +401,29 @@ def write_outputs(reports: list[dict[str, Any]], args: argparse.Namespace) -> No
         written.append(write_markdown(report, args.out / f"{stem}.md"))
         if args.chart:
             written.append(write_chart(report, args.out / f"{stem}.png"))
+        if not args.report:  # a run that completed: its partial report has served
+            partial_path(report, args.out, args.name).unlink(missing_ok=True)
         say("wrote " + ", ".join(str(p) for p in written))
 
 
 def check_failures(reports: list[dict[str, Any]]) -> None:
+    """EngineError (after the reports are out) naming every failed contender and failed PSNR reference
+    run; skipped contenders and a partial report's contenders that did not run are not failures."""
+    from engine.bench.runner import NOT_RUN
+
+    problems = [
+        str(r["config"]["psnr_reference_error"]) for r in reports if r["config"].get("psnr_reference_error")
+    ]
     failed = [
         f"{name}: {entry.get('error', 'failed')}"
         for report in reports
         for name, entry in report["contenders"].items()
-        if entry["status"] not in ("ok", "skipped")
+        if entry["status"] not in ("ok", "skipped", NOT_RUN)
     ]
     if failed:
-        raise EngineError("contender failed: " + "; ".join(failed))
+        problems.append("contender failed: " + "; ".join(failed))
+    if problems:
+        raise EngineError("; ".join(problems))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

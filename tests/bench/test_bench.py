@@ -9,6 +9,9 @@ import copy
 import csv
 import importlib.util
 import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,11 @@ from engine.bench.config import (
     unavailable,
 )
 from engine.bench.contenders import EngineRunner, backend_options
+from engine.bench.progress import say
 from engine.bench.prompts import BUILTIN_PROMPTS, load_prompts
 from engine.bench.report import COMPILE_ROW, render_markdown, render_terminal
 from engine.bench.stats import finalize, percentile
-from engine.commands.bench import EXIT_REGRESSION, add_command
+from engine.commands.bench import EXIT_REGRESSION, add_command, default_name, main
 from engine.errors import EngineError
 
 PARTI_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "partiprompts" / "PartiPrompts.tsv"
@@ -41,24 +45,44 @@ RUNS, WARMUP, STEPS = 2, 1, 2
 SAVED_REPORTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-def bench(*argv: str) -> int:
-    """`sd-engine bench ARGV` through the parser the lead's CLI builds."""
+def bench(*argv: str, progress: Callable[[str], None] | None = None) -> int:
+    """`sd-engine bench ARGV` through the parser the lead's CLI builds (progress lines to ``progress``
+    when given)."""
     parser = argparse.ArgumentParser(prog="sd-engine")
     add_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *argv])
-    return args.run(args)
+    return args.run(args) if progress is None else args.run(args, progress)
+
+
+@dataclass(frozen=True)
+class PartialWatch:
+    """Receives a run's progress lines and keeps each with the partial report file as it stood then
+    (None when there was none)."""
+
+    path: Path
+    seen: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+
+    def __call__(self, message: str) -> None:
+        say(message)
+        self.seen.append((message, json.loads(self.path.read_text()) if self.path.is_file() else None))
+
+    def at(self, prefix: str) -> dict[str, Any] | None:
+        """The partial report when the first line starting with ``prefix`` came."""
+        return next(report for message, report in self.seen if message.startswith(prefix))
 
 
 @pytest.fixture(scope="module")
 def run(tiny_model: Path, tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
+    watch = PartialWatch(out / "tiny.partial.json")
     rc = bench(
         "--model", str(tiny_model), "--engine", str(tiny_engine),
         "--contenders", ",".join((*CONTENDERS, OFF_DEVICE)), "--skip-unavailable",
         "--size", "64", "--steps", str(STEPS), "--runs", str(RUNS), "--warmup", str(WARMUP),
-        "--out", str(out), "--name", "tiny",
+        "--out", str(out), "--name", "tiny", progress=watch,
     )  # fmt: skip
-    return {"rc": rc, "out": out, "report": json.loads((out / "tiny.json").read_text())}
+    report = json.loads((out / "tiny.json").read_text())
+    return {"rc": rc, "out": out, "report": report, "watch": watch}
 
 
 def test_run_writes_every_field(run: dict[str, Any]) -> None:
@@ -347,7 +371,17 @@ def test_gpu_contenders_without_cuda_are_refused_in_one_line(tiny_model: Path) -
 
 def test_dry_run_lists_the_gpu_contenders(capsys: pytest.CaptureFixture[str]) -> None:
     contenders = "diffusers:fp16,torch-cuda:eager+unfused,onnxruntime:graph+fused,tensorrt:graph+fused"
-    assert bench("--dry-run", "--device", "cuda", "--contenders", contenders, "--size", "512") == 0
+    argv = (
+        "--dry-run",
+        "--device",
+        "cuda",
+        "--contenders",
+        contenders,
+        "--size",
+        "512",
+        "--skip-unavailable",
+    )
+    assert bench(*argv) == 0
     out = capsys.readouterr().out
     assert "dry run: 512x512" in out
     assert "[2] torch-cuda:eager+unfused" in out and "'cuda_graph': False" in out
@@ -373,7 +407,7 @@ def test_dry_run_says_refuse_or_skip_as_the_run_would(capsys: pytest.CaptureFixt
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
     argv = ("--dry-run", "--device", "cuda", "--contenders", "diffusers:fp16,tensorrt:graph+fused")
-    assert bench(*argv) == 0
+    assert bench(*argv) == 1  # the run would refuse: a script stops before spending a GPU slot
     out = capsys.readouterr().out
     assert "[2] tensorrt:graph+fused (" in out and "would refuse the run: " in out
     assert bench(*argv, "--skip-unavailable") == 0
@@ -623,3 +657,91 @@ def test_event_clock_times_device_work_per_call_and_waits_once() -> None:
             clock.totals["linear"] == pytest.approx(sum(clock.per_call_ms("linear")))
             and clock.totals["linear"] > 0
         )
+
+
+# -- what a killed run keeps, a failed reference, the dry run's exit status (issue 12) -----------------
+
+
+def test_the_partial_report_follows_the_run_and_goes_when_it_completes(run: dict[str, Any]) -> None:
+    """Before each contender the partial file holds the report so far; the completed run removes it."""
+    watch, final = run["watch"], run["report"]
+    first, second = watch.at("[1/2]"), watch.at("[2/2]")
+    assert first is not None and second is not None
+    assert first["partial"] is True and first["not_run"] == list(CONTENDERS)
+    assert {n: e["status"] for n, e in first["contenders"].items()} == {
+        "diffusers": "not run",
+        "onnxruntime": "not run",
+        OFF_DEVICE: "skipped",
+    }
+    assert second["not_run"] == ["onnxruntime"]
+    done = second["contenders"]["diffusers"]
+    assert done["status"] == "ok" and done["samples"] == final["contenders"]["diffusers"]["samples"]
+    assert done["summary"] == final["contenders"]["diffusers"]["summary"]
+    assert done["ratios"]["speedup"]["latency_p50"] == 1.0
+    assert second["contenders"]["onnxruntime"]["status"] == "not run"
+    assert default_name(second) == default_name(final)  # the stem without --name is known at the start
+    assert "partial" not in final and "not_run" not in final
+    assert sorted(p.name for p in run["out"].iterdir()) == ["tiny.csv", "tiny.json", "tiny.md"]
+
+
+def test_a_partial_report_renders_with_what_did_not_run(
+    run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tiny.partial.json"  # as a run killed during its second contender leaves it
+    path.write_text(json.dumps(run["watch"].at("[2/2]")))
+    assert bench("--report", str(path), "--out", str(tmp_path / "out")) == 0
+    notice = "PARTIAL REPORT: the benchmark stopped before it finished; not run: onnxruntime"
+    cell = "not run: the benchmark stopped before it finished"
+    terminal = capsys.readouterr().out
+    markdown = (tmp_path / "out" / "tiny.partial.md").read_text()
+    for text in (terminal, markdown):
+        assert notice in text and cell in text and "Pipeline latency, p50" in text
+    latency = next(line for line in markdown.splitlines() if line.startswith("| Pipeline latency, p50 |"))
+    assert latency.endswith(f"| {cell} | skipped: runs on a CUDA GPU, not --device cpu |")
+
+
+def test_a_failed_reference_run_keeps_the_contenders(
+    tiny_model: Path, tiny_engine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """diffusers cannot load the model folder (its UNet weights cut short, as by a copy that stopped)
+    while the engine folder runs: every contender runs, the PSNR column is empty with the reason."""
+    broken = Path(shutil.copytree(tiny_model, tmp_path / "broken"))
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    watch = PartialWatch(out / "ref.partial.json")
+    reason = "the fp32 CPU reference run failed: OSError: Unable to load weights from checkpoint file"
+    with pytest.raises(EngineError, match=_literal(reason)):
+        bench(
+            "--model", str(broken), "--engine", str(tiny_engine), "--contenders", "onnxruntime:unfused",
+            "--size", "64", "--steps", "2", "--runs", "1", "--warmup", "0", "--psnr-reference", "cpu-fp32",
+            "--out", str(out), "--name", "ref", progress=watch,
+        )  # fmt: skip
+    report = json.loads((out / "ref.json").read_text())
+    error = report["config"]["psnr_reference_error"]
+    assert error.startswith(reason) and "\n" not in error
+    entry = report["contenders"]["onnxruntime:unfused"]
+    assert entry["status"] == "ok" and entry["summary"]["it_per_s"] > 0
+    assert "agreement" not in entry  # not compared with anything else instead
+    said = [message for message, _ in watch.seen if message.startswith("[reference] the fp32 CPU")]
+    assert said == [f"[reference] {error}; the contenders run, the PSNR column stays empty"]
+    partial = watch.at("[1/1]")
+    assert partial is not None and partial["config"]["psnr_reference_error"] == error
+    assert not (out / "ref.partial.json").exists()
+    markdown = (out / "ref.md").read_text()
+    assert "| PSNR of first image vs diffusers fp32 CPU | - |" in markdown
+    for text in (markdown, capsys.readouterr().out):
+        assert f"PSNR column empty: {error}" in text
+
+
+def test_dry_run_exits_1_when_the_run_would_be_refused(
+    tiny_torch_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A baseline that cannot run (ONNX Runtime on a torch-only engine folder) is refused, skip or not;
+    another contender only without --skip-unavailable."""
+    engine = ("--dry-run", "--engine", str(tiny_torch_engine))
+    assert main([*engine, "--contenders", "onnxruntime,torch", "--skip-unavailable"]) == 1
+    line = "  [1] onnxruntime (sd-engine (ONNX Runtime)): would refuse the run: engine folder"
+    assert line in capsys.readouterr().out  # the plan is printed all the same
+    assert bench(*engine, "--contenders", "torch,onnxruntime") == 1
+    assert bench(*engine, "--contenders", "torch,onnxruntime", "--skip-unavailable") == 0
