@@ -53,6 +53,13 @@ def compile_module(module: Any, mode: str) -> Any:
     return torch.compile(module, mode=mode, dynamic=False, fullgraph=False)
 
 
+def check_compile_options(compile: object, mode: str) -> None:
+    """A backend's ``compile`` (a bool) and ``compile_mode`` options; one-line ValueError otherwise."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be true or false, got {compile!r}")
+    check_compile_mode(mode)
+
+
 class FirstCallClock:
     """Times the first call of a compiled module (wall seconds, the caller synchronises the device):
     the compilation (tracing, lowering, kernel builds and autotuning) plus one run."""
@@ -176,9 +183,7 @@ class TorchOptions:
     compile_mode: str = "default"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
-        check_compile_mode(self.compile_mode)
+        check_compile_options(self.compile, self.compile_mode)
 
 
 def open_engine(

@@ -36,7 +36,7 @@ import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
-from engine.backends.torch_cpu import FirstCallClock, check_compile_mode, compile_module
+from engine.backends.torch_cpu import FirstCallClock, check_compile_options, compile_module
 from engine.errors import EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
@@ -87,9 +87,7 @@ class TorchCudaOptions:
     compile_mode: str = "default"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
-        check_compile_mode(self.compile_mode)
+        check_compile_options(self.compile, self.compile_mode)
 
 
 def cast_boundary(module: Any, dtype: Any, keep_float32: tuple[int, ...] = ()) -> Any:

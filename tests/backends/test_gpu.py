@@ -27,22 +27,11 @@ from engine.manifest import Manifest, read_manifest
 from engine.parity import psnr, rel_l2
 from engine.runtime import bound, open_backend
 from engine.specs import GraphSpec, ModelDims, Network, TensorSpec, graph_specs, unet_spec
+from tests.backends.marks import cuda_skip_reason, needs_cuda
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def _cuda_skip_reason() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
-    return None
-
-
-# A mark, not a fixture: the session-scoped tiny_engine would be built before a fixture could skip.
-needs_cuda = pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))
 needs_tensorrt = pytest.mark.skipif(
     not HAVE_TENSORRT, reason='tensorrt is not installed: pip install "sd-engine[tensorrt]"'
 )
@@ -444,7 +433,7 @@ def test_backend_options_are_checked() -> None:
 
 
 @pytest.mark.skipif(
-    _cuda_skip_reason() is None, reason="CUDA is available: the missing-GPU path cannot happen"
+    cuda_skip_reason() is None, reason="CUDA is available: the missing-GPU path cannot happen"
 )
 def test_torch_cuda_without_a_gpu_is_one_line() -> None:
     with pytest.raises(MissingDependencyError, match="needs a CUDA GPU") as info:

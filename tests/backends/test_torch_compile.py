@@ -23,21 +23,7 @@ from engine.manifest import read_manifest
 from engine.parity import rel_l2
 from engine.runtime import BackendName, check_common_options, open_backend
 from engine.specs import GraphSpec, Network, TensorSpec
-
-
-def _cuda_skip_reason() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
-    return None
-
-
-# A mark, not a fixture: the session-scoped tiny_engine would be built before a fixture could skip.
-needs_cuda = pytest.mark.skipif(_cuda_skip_reason() is not None, reason=str(_cuda_skip_reason()))
-
+from tests.backends.marks import needs_cuda
 
 # -- the option, everywhere (nothing compiles) -----------------------------------------------------
 
