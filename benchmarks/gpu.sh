@@ -143,6 +143,8 @@ START=$SECONDS
 exec > >(trap '' INT TERM; exec tee -a "$OUT/log.txt") 2>&1
 CHILD=
 INTERRUPTED=0
+DEATH_SIGNAL=()
+setpriv --pdeathsig TERM true 2>/dev/null && DEATH_SIGNAL=(setpriv --pdeathsig TERM)
 on_signal() {  # stop the running command (its own process group, under timeout), then the stages
     INTERRUPTED=1
     [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null
@@ -185,7 +187,10 @@ capped() {  # inside a stage: a command under what is left of the stage's cap (e
     local rest=$((STAGE_END - SECONDS)) status
     [ "$INTERRUPTED" -eq 0 ] || return 130
     [ "$rest" -ge 1 ] || return 124
-    timeout --kill-after=10 "$rest" "$@" </dev/null &
+    # timeout runs the command in its own process group (so a time-out stops all of it); with
+    # setpriv's parent-death signal it also stops when this script dies, even by kill -9; the lock's
+    # descriptor stays here (9>&-), so nothing left over holds the work folder
+    "${DEATH_SIGNAL[@]}" timeout --kill-after=10 "$rest" "$@" </dev/null 9>&- &
     CHILD=$!
     wait "$CHILD"
     status=$?
@@ -271,6 +276,7 @@ needs_setup() {  # the venv and sd-engine in it, or a line saying to run setup f
 
 stage_model() {
     needs_setup || return 1
+    rm -rf "$WORK"/.*.tmp-*  # staging folders of a run that was killed (this run holds the lock)
     # shellcheck source=/dev/null
     [ -f "$WORK/env.sh" ] && . "$WORK/env.sh"
     if [ ! -f "$MODEL/model_index.json" ]; then
@@ -338,19 +344,32 @@ for stage in "${ALL_STAGES[@]}"; do
         setup) cap=150 ;; plan) cap=60 ;; model) cap=240 ;; smoke) cap=90 ;; tests) cap=180 ;; bench) cap=1200 ;;
     esac
     run_stage "$stage" "$cap" "$reserve" || FAILED=1
+    STOPPED=
     if [ "$INTERRUPTED" -eq 1 ]; then
-        echo "== interrupted during $stage: the stages after it did not run"
-        break
+        STOPPED="interrupted during $stage"
+    elif [ "$stage" = setup ] && [ "$FAILED" -eq 1 ]; then
+        STOPPED="setup failed: every later stage runs in its environment"
     fi
-    if [ "$stage" = setup ] && [ "$FAILED" -eq 1 ]; then
-        echo "== setup failed: every later stage runs in its environment, so the check stops here"
+    if [ -n "$STOPPED" ]; then
+        echo "== $STOPPED: the stages after it do not run"
+        after=0
+        for rest in "${ALL_STAGES[@]}"; do
+            [ "$after" -eq 1 ] && selected "$rest" && printf '%s\tnot run (%s)\t0\n' "$rest" "$STOPPED" >>"$STAGE_FILE"
+            [ "$rest" = "$stage" ] && after=1
+        done
         break
     fi
 done
 if [ -x "$VPY" ] || [ -n "$(command -v "$PYTHON")" ]; then
     "$PYTHON" "$ROOT/benchmarks/gpu_summary.py" "$OUT" >"$OUT/summary.md" && cat "$OUT/summary.md"
 fi
-if [ -n "$ARCHIVE" ]; then
+if [ "$INTERRUPTED" -eq 1 ]; then
+    echo "== interrupted after $((SECONDS - START)) s; results so far in $OUT"
+else
+    echo "== done in $((SECONDS - START)) s: $([ "$FAILED" -eq 0 ] && echo 'every stage passed' || echo 'a stage failed');" \
+        "results in $OUT"
+fi
+if [ -n "$ARCHIVE" ]; then  # last, so the archived log holds the verdict above
     if tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; then
         echo "== packed $OUT into $ARCHIVE"
     else
@@ -358,7 +377,5 @@ if [ -n "$ARCHIVE" ]; then
         FAILED=1
     fi
 fi
-[ "$INTERRUPTED" -eq 1 ] && { echo "== interrupted after $((SECONDS - START)) s; results so far in $OUT"; exit 130; }
-echo "== done in $((SECONDS - START)) s: $([ "$FAILED" -eq 0 ] && echo 'every stage passed' || echo 'a stage failed');" \
-    "results in $OUT"
+[ "$INTERRUPTED" -eq 1 ] && exit 130
 exit "$FAILED"

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -269,5 +270,54 @@ def test_an_interrupted_run_says_so_and_keeps_its_records(tmp_path: Path) -> Non
     assert process.wait(timeout=60) == 130
     assert "== interrupted during setup" in out
     stages = (tmp_path / "r" / "stages.tsv").read_text().splitlines()
-    assert stages[1].split("\t")[:2] == ["setup", "interrupted"] and len(stages) == 2
+    assert stages[1].split("\t")[:2] == ["setup", "interrupted"]
+    assert [line.split("\t")[:2] for line in stages[2:]] == [
+        [name, "not run (interrupted during setup)"] for name in ("plan", "model", "smoke", "tests", "bench")
+    ]
     assert "| setup | interrupted |" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_kill_9_of_the_script_stops_its_running_command_and_frees_the_work_folder(tmp_path: Path) -> None:
+    """The stage command runs under timeout, in its own process group: killing the script's group
+    alone must still stop it (parent-death signal) and leave no holder of the lock."""
+    import fcntl
+
+    wheels, work = tmp_path / "wheels", tmp_path / "w"
+    make_wheel(wheels)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = [
+        "--dry-run",
+        "--stages",
+        "setup",
+        "--wheels",
+        str(wheels),
+        "--work",
+        str(work),
+        str(tmp_path / "r"),
+    ]
+    process = subprocess.Popen(
+        ["bash", str(SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("installing them and sd-engine"):  # pip is running, under timeout
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with (work / ".lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.5)
+    else:
+        pytest.fail("the work folder's lock is still held 20 s after kill -9")
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True, check=False).stdout
+    assert left.strip() == "", f"still running: {left}"
