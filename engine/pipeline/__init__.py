@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from engine.pipeline.pipeline import BackendName, GenerationResult, Pipeline
-from engine.pipeline.request import GenerationRequest, StepInfo
+from engine.pipeline.request import GenerationRequest, StepControl, StepInfo
 
-__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
+__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepControl", "StepInfo"]

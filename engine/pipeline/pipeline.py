@@ -22,7 +22,7 @@ from engine.errors import Cancelled, EngineError, RequestError
 from engine.manifest import Manifest, read_manifest
 from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
 from engine.pipeline.images import image_to_array, to_pil
-from engine.pipeline.request import GenerationRequest, StepCallback, StepInfo
+from engine.pipeline.request import GenerationRequest, StepCallback, StepControl, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
 from engine.runtime import BackendName, Graph, GraphLoader, bound, check_finite, finite_outputs, open_backend
 from engine.specs import GraphSpec, Network
@@ -31,7 +31,7 @@ from engine.text.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepInfo"]
+__all__ = ["BackendName", "GenerationRequest", "GenerationResult", "Pipeline", "StepControl", "StepInfo"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class GenerationResult:
     parameters: dict[str, Any]
     timings: dict[str, float]  # milliseconds
     latents: np.ndarray | None = field(default=None, repr=False)  # final latents, before the VAE
+    steps_done: int | None = None  # UNet evaluations run; fewer than planned when a callback stopped early
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether a step callback ended sampling before the last step (the images are partly denoised)."""
+        return self.steps_done is not None and self.steps_done < int(self.timings.get("steps_planned", 0))
 
     def infotext(self, index: int) -> str:
         """A1111 infotext of image ``index`` (its own seed and batch position), for PNG Info."""
@@ -126,10 +132,33 @@ class Pipeline:
         return self.run(GenerationRequest.create(prompt, negative_prompt, **settings), on_step)
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-        """Make the request's images; ``on_step`` sees every UNet evaluation and cancels by returning False.
+        """Make the request's images; ``on_step`` sees every UNet evaluation and can stop or cancel
+        (see :class:`StepControl`).
 
         Only the checks that depend on the model happen here (RequestError); the request checked the rest.
         """
+        return self._run(request, [request], seeded_generators(request.seed, request.num_images), on_step)[0]
+
+    def run_batch(
+        self, requests: Sequence[GenerationRequest], on_step: StepCallback | None = None
+    ) -> list[GenerationResult]:
+        """Several txt2img requests with the same :attr:`GenerationRequest.batch_key` as one UNet batch
+        (dynamic batching): result i holds exactly the images ``run(requests[i])`` gives, each image
+        drawing its noise from its own seed's generator. Raises RequestError for incompatible requests."""
+        if len(requests) == 1:
+            return [self.run(requests[0], on_step)]
+        merged = GenerationRequest.merge(requests)
+        generators = [g for r in requests for g in seeded_generators(r.seed, r.num_images)]
+        return self._run(merged, list(requests), generators, on_step)
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        parts: Sequence[GenerationRequest],
+        generators: list[TorchGenerator],
+        on_step: StepCallback | None,
+    ) -> list[GenerationResult]:
+        """Generate ``request``'s images, one generator each, and hand them back split as ``parts``."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         sched = schedulers.create(request.sampler, self.manifest.scheduler_config)
@@ -137,14 +166,23 @@ class Pipeline:
         request.check_model(dims.vae_scale_factor, dims.latent_channels, sched.config.num_train_timesteps)
         sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
         self.warn_truncated(request)
-        generators = seeded_generators(request.seed, request.num_images)
         context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
         latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
-        latents = self.denoise(request, sched, latents, context, generators, timings, on_step)
+        latents, done = self.denoise(request, sched, latents, context, generators, timings, on_step)
         pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
         images = to_pil(pixels)
         timings["total"] = (time.perf_counter() - start) * 1000
-        return GenerationResult(images, request.seeds, self.parameters(request), timings, latents)
+        timings["steps_planned"] = float(len(sched.timesteps))
+        results, first = [], 0
+        for part in parts:
+            end = first + part.num_images
+            params = self.parameters(part)
+            part_latents = latents[first:end]
+            results.append(
+                GenerationResult(images[first:end], part.seeds, params, timings, part_latents, done)
+            )
+            first = end
+        return results
 
     @staticmethod
     def timed(timings: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
@@ -219,13 +257,15 @@ class Pipeline:
         generators: list[TorchGenerator],
         timings: dict[str, float],
         on_step: StepCallback | None = None,
-    ) -> np.ndarray:
-        """The sampling loop: scale, UNet (both CFG halves in one call) and guidance, step."""
+    ) -> tuple[np.ndarray, int]:
+        """The sampling loop: scale, UNet (both CFG halves in one call) and guidance, step. Returns the
+        latents and the number of steps run (fewer when ``on_step`` asked to stop)."""
         fused = self.uses_fused_cfg(request)
         unet = self.graph(Network.UNET_CFG if fused else Network.UNET)
         unet_ms: list[float] = []
         host_ms: list[float] = []
         total = len(sched.timesteps)
+        done = 0
         make_feeds = fused_feeds if fused else unet_feeds
         # The embeddings (and the guidance scale) stay the same all generation: bound once, so a backend
         # with device buffers copies them once, not at every step.
@@ -248,11 +288,13 @@ class Pipeline:
                 end = time.perf_counter()
                 unet_ms.append((after - middle) * 1000)
                 host_ms.append((middle - begin + end - after) * 1000)
-                notify(on_step, StepInfo(i + 1, total, float(t)))
+                done = i + 1
+                if notify(on_step, StepInfo(done, total, float(t), latents)) is StepControl.STOP:
+                    break
         timings["unet_total"] = sum(unet_ms)
         timings["unet_per_step"] = float(np.mean(unet_ms)) if unet_ms else 0.0
         timings["scheduler_per_step"] = float(np.mean(host_ms)) if host_ms else 0.0
-        return latents
+        return latents, done
 
     def uses_fused_cfg(self, request: GenerationRequest) -> bool:
         """Whether a request runs the fused-guidance graph (it cannot rescale)."""
@@ -311,9 +353,12 @@ def resolve_fused_cfg(engine_dir: Path, manifest: Manifest, wanted: bool | None)
     return present if wanted is None else wanted
 
 
-def notify(on_step: StepCallback | None, info: StepInfo) -> None:
-    if on_step is not None and on_step(info) is False:
+def notify(on_step: StepCallback | None, info: StepInfo) -> StepControl:
+    """What the callback asks; False or StepControl.CANCEL raise Cancelled."""
+    answer = StepControl.CONTINUE if on_step is None else on_step(info)
+    if answer is False or answer == StepControl.CANCEL:
         raise Cancelled(f"generation cancelled at step {info.step}/{info.total}")
+    return StepControl.STOP if answer == StepControl.STOP else StepControl.CONTINUE
 
 
 # Engine folders exported before the stacked output carry only the penultimate layer (clip skip 2).

@@ -12,7 +12,8 @@ import base64
 import io
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -43,15 +44,28 @@ _NUMBERS = {
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Progress after one UNet evaluation: ``step`` of ``total`` (1-based) at ``timestep``."""
+    """Progress after one UNet evaluation: ``step`` of ``total`` (1-based) at ``timestep``.
+
+    ``latents``: the latents after that step, (images, channels, H/8, W/8) float32, for previews;
+    the pipeline no longer uses that array, but it is shared with every callback: do not modify it.
+    """
 
     step: int
     total: int
     timestep: float
+    latents: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-# Return False to cancel the generation (it then raises engine.errors.Cancelled).
-StepCallback = Callable[[StepInfo], "bool | None"]
+class StepControl(str, Enum):
+    """What a step callback asks of the sampling loop."""
+
+    CONTINUE = "continue"
+    STOP = "stop"  # end sampling now and decode the latents as they are (A1111's interrupt and skip)
+    CANCEL = "cancel"  # abandon the generation: engine.errors.Cancelled is raised
+
+
+# Return None / True to go on, False or StepControl.CANCEL to cancel, StepControl.STOP to stop early.
+StepCallback = Callable[[StepInfo], "StepControl | bool | None"]
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,32 @@ class GenerationRequest:
     @property
     def is_img2img(self) -> bool:
         return self.image is not None
+
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Requests with equal keys can share one UNet batch (:meth:`merge`); None: this one runs alone
+        (img2img, or initial latents given)."""
+        if self.is_img2img or self.latents is not None:
+            return None
+        names = ("width", "height", "steps", "sampler", "guidance_scale", "guidance_rescale", "clip_skip")
+        return tuple(getattr(self, name) for name in names)
+
+    @staticmethod
+    def merge(requests: Sequence[GenerationRequest]) -> GenerationRequest:
+        """One request whose images are the images of ``requests`` in order (one prompt entry per
+        image, batch_size 1). Its seed is meaningless: the caller seeds each image's generator itself
+        (see Pipeline.run_batch). Raises RequestError unless every request has the same batch_key."""
+        keys = {request.batch_key for request in requests}
+        if not requests or None in keys or len(keys) != 1:
+            raise RequestError(
+                "only txt2img requests with the same size, steps, sampler, guidance and "
+                "clip skip can share a batch"
+            )
+        prompts = [p for r in requests for p in r.prompts for _ in range(r.batch_size)]
+        negatives = [n for r in requests for n in r.negative_prompts for _ in range(r.batch_size)]
+        return replace(
+            requests[0], prompts=tuple(prompts), negative_prompts=tuple(negatives), batch_size=1, seed=0
+        )
 
     def check_model(self, vae_scale_factor: int, latent_channels: int, train_timesteps: int) -> None:
         """The checks that depend on the model: sizes, the latents' shape, steps. Raises RequestError."""
