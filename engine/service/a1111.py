@@ -1,0 +1,457 @@
+"""A1111's API under /sdapi/v1 as webuiapi 0.9.17 and A1111 clients call it.
+
+Requests accept every A1111 field and ignore unknown ones, as A1111 does; ``null`` means a field's
+default and numeric strings coerce. Fields whose feature this engine lacks (hires fix, face restore,
+tiling, variation seeds, inpainting masks, styles, scripts) are accepted at their defaults and
+refused with a 422 naming them otherwise, never silently dropped. Sampler tuning values that A1111
+clients send on every call (eta, s_churn, s_tmin, s_tmax, s_noise, s_min_uncond) are accepted and do
+not change the sampler, which follows diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from engine.errors import RequestError
+from engine.infotext import format_infotext, parse_infotext
+from engine.pipeline.previews import preview_png_base64
+from engine.pipeline.request import GenerationRequest
+from engine.service.catalog import EngineEntry
+from engine.service.samplers import resolve_sampler, samplers_listing, schedulers_listing
+from engine.service.state import (
+    ApiError,
+    AppState,
+    decode_base64_image,
+    encode_png,
+    flatten,
+    request_error,
+)
+
+A1111_VERSION = "v1.10.1"  # the A1111 API this server follows
+
+
+class A1111Request(BaseModel):
+    """The fields txt2img and img2img share. ``None`` for any field means its default."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = []
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = 7.0
+    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=8)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] = {}
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    infotext: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    def unsupported(self) -> dict[str, Any]:
+        """Fields set to a feature this engine lacks: name -> value (empty when none)."""
+        flags = {
+            "restore_faces": self.restore_faces,
+            "tiling": self.tiling,
+            "subseed_strength": self.subseed_strength > 0,
+            "styles": bool(self.styles),
+            "script_name": bool(self.script_name),
+            "refiner_checkpoint": bool(self.refiner_checkpoint) and self.refiner_checkpoint != "None",
+            "infotext": bool(self.infotext),
+        }
+        return {name: getattr(self, name) for name, on in flags.items() if on}
+
+
+class Txt2ImgRequest(A1111Request):
+    enable_hr: bool = False
+    denoising_strength: float | None = None  # hires fix only
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+    def unsupported(self) -> dict[str, Any]:
+        more = {"enable_hr": self.enable_hr} if self.enable_hr else {}
+        return {**super().unsupported(), **more}
+
+
+class Img2ImgRequest(A1111Request):
+    init_images: list[Any] = []
+    resize_mode: int = Field(0, ge=0, le=3)
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur: int | None = None
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+    def unsupported(self) -> dict[str, Any]:
+        more = {
+            "mask": self.mask and "an inpainting mask",
+            "latent_mask": self.latent_mask and "a latent mask",
+            "resize_mode": self.resize_mode if self.resize_mode == 3 else None,
+            "initial_noise_multiplier": self.initial_noise_multiplier
+            if self.initial_noise_multiplier not in (None, 1, 1.0)
+            else None,
+        }
+        return {**super().unsupported(), **{k: v for k, v in more.items() if v}}
+
+
+SUPPORTED_SCRIPTS: tuple[str, ...] = ()  # /sdapi/v1/scripts lists exactly these
+
+
+def check_supported(body: A1111Request) -> None:
+    unsupported = body.unsupported()
+    if unsupported:
+        name, value = next(iter(unsupported.items()))
+        raise ApiError(
+            422, f"{name}: {value!r} is not supported by this server (sd-engine); leave it unset", name
+        )
+    for script in body.alwayson_scripts:
+        if script.lower() not in {s.lower() for s in SUPPORTED_SCRIPTS}:
+            raise ApiError(
+                422,
+                f"alwayson_scripts: this server has no script {script!r}; "
+                "GET /sdapi/v1/scripts lists the ones it has",
+                "alwayson_scripts",
+            )
+
+
+def engine_for(state: AppState, body: A1111Request) -> tuple[EngineEntry, int]:
+    """The engine and clip skip a request uses: override_settings, else the server's options."""
+    options = state.options.snapshot()
+    overrides = body.override_settings or {}
+    name = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
+    try:
+        entry = state.catalog.find(str(name), "override_settings.sd_model_checkpoint")
+    except RequestError as error:
+        raise ApiError(404, str(error), "sd_model_checkpoint", "model_not_found") from None
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    return entry, clip_skip
+
+
+def build_request(
+    state: AppState,
+    body: A1111Request,
+    entry: EngineEntry,
+    clip_skip: Any,
+    image: Image.Image | None = None,
+    strength: float | None = None,
+) -> GenerationRequest:
+    check_supported(body)
+    try:
+        sampler = resolve_sampler(body.sampler_name, body.sampler_index, body.scheduler)
+        settings: dict[str, Any] = {
+            "steps": body.steps,
+            "guidance_scale": body.cfg_scale,
+            "width": body.width,
+            "height": body.height,
+            "sampler": sampler,
+            "seed": body.seed,
+            "batch_size": body.batch_size,
+            "clip_skip": int(clip_skip) if str(clip_skip).lstrip("-").isdigit() else clip_skip,
+        }
+        if image is not None:
+            settings.update(image=image, strength=strength)
+        return GenerationRequest.create(body.prompt, body.negative_prompt, **settings)
+    except RequestError as error:
+        raise request_error(error) from None
+
+
+def resize_init_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
+    """A1111's resize modes: 0 just resize (the pipeline stretches), 1 crop and resize (fill the frame,
+    cut the overflow, centred), 2 resize and fill (fit inside, pad with the stretched edge)."""
+    if mode == 1:
+        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    if mode == 2:
+        fitted = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
+        canvas = image.resize((width, height), Image.Resampling.LANCZOS)
+        canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+        return canvas
+    return image
+
+
+def info_json(
+    state: AppState,
+    body: A1111Request,
+    request: GenerationRequest,
+    entry: EngineEntry,
+    images: list[tuple[Any, int]],
+    infotexts: list[str],
+) -> str:
+    """A1111's ``info``: a JSON string of what made the images."""
+    first = images[0][0] if images else None
+    seeds = [result.seeds[i] for result, i in images]
+    params = first.parameters if first else {}
+    return json.dumps(
+        {
+            "prompt": body.prompt,
+            "all_prompts": [body.prompt] * len(seeds),
+            "negative_prompt": body.negative_prompt,
+            "all_negative_prompts": [body.negative_prompt] * len(seeds),
+            "seed": request.seed,
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": 0,
+            "width": request.width,
+            "height": request.height,
+            "sampler_name": request.sampler,
+            "cfg_scale": request.guidance_scale,
+            "steps": request.steps,
+            "batch_size": request.batch_size,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": entry.model_name,
+            "sd_model_hash": entry.short_hash,
+            "sd_vae_name": params.get("vae_name"),
+            "sd_vae_hash": params.get("vae_hash"),
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": request.strength if request.is_img2img else None,
+            "extra_generation_params": {},
+            "index_of_first_image": 0,
+            "infotexts": infotexts,
+            "styles": [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+            "clip_skip": request.clip_skip,
+            "is_using_inpainting_conditioning": False,
+            "version": A1111_VERSION,
+            "interrupted": any(result.stopped_early for result, _ in images),
+        }
+    )
+
+
+def respond(
+    state: AppState, body: A1111Request, request: GenerationRequest, entry: EngineEntry, results: list[Any]
+) -> dict[str, Any]:
+    images = flatten(results)
+    infotexts = []
+    for position, (result, i) in enumerate(images):
+        params = {
+            **result.parameters,
+            "seed": result.seeds[i],
+            "batch_size": request.batch_size,
+            "batch_pos": position % request.batch_size,
+        }
+        infotexts.append(format_infotext(params))
+    encoded = [
+        encode_png(result.images[i], text) for (result, i), text in zip(images, infotexts, strict=True)
+    ]
+    return {
+        "images": encoded if body.send_images else [],
+        "parameters": body.model_dump(),
+        "info": info_json(state, body, request, entry, images, infotexts),
+    }
+
+
+def build_router(state: AppState) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1")
+
+    @router.post("/txt2img")
+    async def txt2img(body: Txt2ImgRequest, http: Request) -> dict[str, Any]:
+        entry, clip_skip = engine_for(state, body)
+        request = build_request(state, body, entry, clip_skip)
+        results = await state.run(http, entry, request, body.n_iter, "txt2img")
+        return await run_in_threadpool(respond, state, body, request, entry, results)
+
+    @router.post("/img2img")
+    async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
+        if not body.init_images:
+            raise ApiError(422, "init_images must hold one base64 image, got an empty list", "init_images")
+        entry, clip_skip = engine_for(state, body)
+        image = await run_in_threadpool(decode_base64_image, body.init_images[0], "init_images", state.config)
+        image = resize_init_image(image, body.resize_mode, body.width, body.height)
+        request = build_request(state, body, entry, clip_skip, image, body.denoising_strength)
+        results = await state.run(http, entry, request, body.n_iter, "img2img")
+        response = await run_in_threadpool(respond, state, body, request, entry, results)
+        if body.include_init_images:
+            response["images"] += [encode_png(image, None)]
+        response["parameters"]["init_images"] = None  # not echoed: it can be megabytes
+        return response
+
+    @router.get("/progress")
+    async def progress(skip_current_image: bool = Query(False)) -> dict[str, Any]:
+        snap = state.board.read()
+        image = None
+        if not skip_current_image and snap.preview is not None:
+            image = preview_png_base64(snap.preview)
+        return {
+            "progress": snap.progress,
+            "eta_relative": snap.eta_relative(time.time()),
+            "state": snap.state(),
+            "current_image": image,
+            "textinfo": None,
+        }
+
+    @router.post("/interrupt")
+    async def interrupt() -> dict[str, Any]:
+        return {"interrupted": state.scheduler.interrupt()}
+
+    @router.post("/skip")
+    async def skip() -> dict[str, Any]:
+        return {"skipped": state.scheduler.skip()}
+
+    @router.get("/samplers")
+    async def samplers() -> list[dict[str, Any]]:
+        return samplers_listing()
+
+    @router.get("/schedulers")
+    async def schedulers_route() -> list[dict[str, Any]]:
+        return schedulers_listing()
+
+    @router.get("/sd-models")
+    async def sd_models() -> list[dict[str, Any]]:
+        return [entry.a1111() for entry in state.catalog.entries]
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints() -> dict[str, Any]:
+        return {}
+
+    @router.get("/options")
+    async def get_options() -> dict[str, Any]:
+        return state.options.snapshot()
+
+    @router.post("/options")
+    async def set_options(changes: dict[str, Any]) -> dict[str, Any]:
+        changes = dict(changes)
+        if "sd_model_checkpoint" in changes:
+            try:
+                entry = state.catalog.find(str(changes["sd_model_checkpoint"]), "sd_model_checkpoint")
+            except RequestError as error:
+                raise ApiError(404, str(error), "sd_model_checkpoint", "model_not_found") from None
+            changes["sd_model_checkpoint"], changes["sd_checkpoint_hash"] = entry.title, entry.sha256
+        if "CLIP_stop_at_last_layers" in changes:
+            value = changes["CLIP_stop_at_last_layers"]
+            try:
+                changes["CLIP_stop_at_last_layers"] = GenerationRequest.create(
+                    "", clip_skip=int(value)
+                ).clip_skip
+            except (TypeError, ValueError) as error:
+                raise ApiError(
+                    422,
+                    f"CLIP_stop_at_last_layers must be an integer in 1..12, got {value!r}",
+                    "CLIP_stop_at_last_layers",
+                ) from error
+        state.options.update(changes)
+        return {}
+
+    @router.post("/png-info")
+    async def png_info(body: dict[str, Any]) -> dict[str, Any]:
+        image = await run_in_threadpool(decode_base64_image, body.get("image"), "image", state.config)
+        del image
+        raw = _png_text(body.get("image"))
+        text = raw.get("parameters", "")
+        return {
+            "info": text,
+            "items": {k: v for k, v in raw.items() if k != "parameters"},
+            "parameters": parse_infotext(text) if text else {},
+        }
+
+    @router.get("/scripts")
+    async def scripts() -> dict[str, list[str]]:
+        return {"txt2img": list(SUPPORTED_SCRIPTS), "img2img": list(SUPPORTED_SCRIPTS)}
+
+    @router.get("/script-info")
+    async def script_info() -> list[Any]:
+        return []
+
+    @router.get("/extensions")
+    async def extensions() -> list[Any]:
+        return []
+
+    for path in (
+        "/sd-vae",
+        "/loras",
+        "/hypernetworks",
+        "/face-restorers",
+        "/realesrgan-models",
+        "/prompt-styles",
+        "/latent-upscale-modes",
+        "/sd-modules",
+    ):
+        router.add_api_route(path, _empty_list, methods=["GET"])
+
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict[str, Any]]:
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+
+    @router.get("/embeddings")
+    async def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @router.get("/cmd-flags")
+    async def cmd_flags() -> dict[str, Any]:
+        return {"api": True, "listen": state.config.host != "127.0.0.1", "port": state.config.port}
+
+    return router
+
+
+async def _empty_list() -> list[Any]:
+    return []
+
+
+def _png_text(text: Any) -> dict[str, str]:
+    """The text chunks of a base64 PNG (already checked readable)."""
+    import base64
+    import io
+
+    data = text.split("base64,", 1)[1] if isinstance(text, str) and text.startswith("data:") else text
+    with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+        return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}

@@ -1,0 +1,74 @@
+"""Run the app on uvicorn with a clean drain.
+
+The first SIGTERM or SIGINT starts the drain: /health/ready and new generation requests answer 503,
+queued and running work finishes (up to ``drain_timeout_s``), answers are sent, then the server exits.
+A second signal stops at once. ``serve`` returns 0 when everything accepted was answered, 1 when the
+drain timed out with work left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from engine.service.config import ServeConfig
+
+log = logging.getLogger("sd-engine.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose exit signal drains the queue first (and is not re-raised afterwards,
+    so the process exits 0 instead of dying by the signal)."""
+
+    def __init__(self, config: uvicorn.Config, app_state: Any, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app_state = app_state
+        self.drain_timeout_s = drain_timeout_s
+        self.drained = True
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:
+            log.warning("second signal: stopping now")
+            self.drained = not self.app_state.scheduler.busy()
+            self.should_exit = True
+            self.force_exit = True
+            return
+        self._draining = True
+        self.app_state.scheduler.start_drain()
+        log.warning("draining: finishing accepted requests (up to %g s) before exit", self.drain_timeout_s)
+        threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        self.drained = self.app_state.scheduler.wait_idle(self.drain_timeout_s)
+        if not self.drained:
+            log.error(
+                "drain timeout: %d requests still queued or running", self.app_state.scheduler.queued_jobs()
+            )
+        self.should_exit = True
+
+
+def serve(config: ServeConfig) -> int:
+    """Serve until a signal; the exit status (0: every accepted request answered)."""
+    from engine.service.app import create_app
+
+    app = create_app(config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.drain_timeout_s) + 1,
+        lifespan="on",
+    )
+    server = DrainingServer(uv_config, app.state, config.drain_timeout_s)
+    log.warning(
+        "sd-engine serving %d model(s) on http://%s:%d", len(config.engines), config.host, config.port
+    )
+    server.run()
+    return 0 if server.drained else 1
