@@ -11,7 +11,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,7 @@ class Catalog:
         duplicate = next((name for name in names if names.count(name) > 1), None)
         if duplicate:
             raise EngineError(f"two engine folders are both named {duplicate!r}; serve names them by folder")
-        self.entries = tuple(entries)
+        self.entries = tuple(_unique_titles(entries))
 
     @classmethod
     def open(cls, paths: Sequence[Path]) -> Catalog:
@@ -100,6 +100,13 @@ class Catalog:
                 return entry
         titles = ", ".join(entry.title for entry in self.entries)
         raise RequestError(f"{field}: no served model is called {key!r}; served: {titles}")
+
+
+def _unique_titles(entries: Sequence[EngineEntry]) -> list[EngineEntry]:
+    """Engines exported from the same model share its name and hash: those go by their folder's name,
+    so every title names one engine."""
+    titles = [entry.title for entry in entries]
+    return [replace(e, model_name=e.name) if titles.count(e.title) > 1 else e for e in entries]
 
 
 class PipelinePool:
