@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -153,6 +153,14 @@ class Img2ImgRequest(A1111Request):
         return {**super().unsupported(), **{k: v for k, v in more.items() if v}}
 
 
+# The engine's setting names as A1111 calls them, so an error names the field the client sent.
+ENGINE_TO_A1111 = {
+    "guidance_scale": "cfg_scale",
+    "strength": "denoising_strength",
+    "clip_skip": "CLIP_stop_at_last_layers",
+    "sampler": "sampler_name",
+}
+
 SUPPORTED_SCRIPTS: tuple[str, ...] = ()  # /sdapi/v1/scripts lists exactly these
 
 
@@ -176,7 +184,7 @@ def check_supported(body: A1111Request) -> None:
 def engine_for(state: AppState, body: A1111Request) -> tuple[EngineEntry, int]:
     """The engine and clip skip a request uses: override_settings, else the server's options."""
     options = state.options.snapshot()
-    overrides = body.override_settings or {}
+    overrides = {key: value for key, value in (body.override_settings or {}).items() if value is not None}
     name = overrides.get("sd_model_checkpoint") or options["sd_model_checkpoint"]
     try:
         entry = state.catalog.find(str(name), "override_settings.sd_model_checkpoint")
@@ -211,20 +219,52 @@ def build_request(
             settings.update(image=image, strength=strength)
         return GenerationRequest.create(body.prompt, body.negative_prompt, **settings)
     except RequestError as error:
-        raise request_error(error) from None
+        raise request_error(error, names=ENGINE_TO_A1111) from None
 
 
 def resize_init_image(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    """A1111's resize modes: 0 just resize (the pipeline stretches), 1 crop and resize (fill the frame,
-    cut the overflow, centred), 2 resize and fill (fit inside, pad with the stretched edge)."""
-    if mode == 1:
-        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    if mode == 2:
-        fitted = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
-        canvas = image.resize((width, height), Image.Resampling.LANCZOS)
-        canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
-        return canvas
-    return image
+    """A1111's resize modes (``modules/images.py`` ``resize_image`` with no upscaler), pixel for pixel:
+    0 just resize (left to the pipeline, which stretches with Lanczos as A1111 does); 1 crop and resize
+    (scaled with Lanczos to cover the frame, centred on black, the overflow cut); 2 resize and fill
+    (scaled to fit, centred, the bands beside it filled by stretching its edge row or column). Sizes and
+    offsets use A1111's integer arithmetic so that the same init image gives the same pixels."""
+    if mode not in (1, 2):
+        return image
+    frame, source = width / height, image.width / image.height
+    fit_width = frame > source if mode == 1 else frame < source
+    if fit_width:
+        size = (width, image.height * width // image.width)
+    else:
+        size = (image.width * height // image.height, height)
+    scaled = image.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(scaled, (width // 2 - size[0] // 2, height // 2 - size[1] // 2))
+    if mode == 2 and frame != source:
+        _fill_bands(canvas, scaled, vertical=fit_width)
+    return canvas
+
+
+def _fill_bands(canvas: Image.Image, scaled: Image.Image, vertical: bool) -> None:
+    """Resize-and-fill's bands: above and below ``scaled`` (``vertical``) or left and right of it, each
+    its edge row or column stretched (Pillow's default bicubic over a zero-height or zero-width box,
+    as A1111 calls it)."""
+    width, height = canvas.size
+    if vertical:
+        band = height // 2 - scaled.height // 2
+        if band > 0:
+            top = scaled.resize((width, band), Image.Resampling.BICUBIC, box=(0, 0, width, 0))
+            end = scaled.height
+            bottom = scaled.resize((width, band), Image.Resampling.BICUBIC, box=(0, end, width, end))
+            canvas.paste(top, (0, 0))
+            canvas.paste(bottom, (0, band + scaled.height))
+        return
+    band = width // 2 - scaled.width // 2
+    if band > 0:
+        left = scaled.resize((band, height), Image.Resampling.BICUBIC, box=(0, 0, 0, height))
+        end = scaled.width
+        right = scaled.resize((band, height), Image.Resampling.BICUBIC, box=(end, 0, end, height))
+        canvas.paste(left, (0, 0))
+        canvas.paste(right, (band + scaled.width, 0))
 
 
 def info_json(
@@ -383,7 +423,7 @@ def build_router(state: AppState) -> APIRouter:
                 changes["CLIP_stop_at_last_layers"] = GenerationRequest.create(
                     "", clip_skip=int(value)
                 ).clip_skip
-            except (TypeError, ValueError) as error:
+            except (TypeError, ValueError, OverflowError) as error:
                 raise ApiError(
                     422,
                     f"CLIP_stop_at_last_layers must be an integer in 1..12, got {value!r}",

@@ -8,6 +8,7 @@ import binascii
 import hmac
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from engine.service import a1111, openai_images
 from engine.service.catalog import Catalog, EngineEntry, PipelinePool
@@ -44,6 +46,7 @@ STATUS_OUTCOMES = {
     499: ("failed", "cancelled"),
     504: ("failed", "timeout"),
 }
+OUTCOME_KEY = "sd_engine.outcome"  # scope key: a list the error handler puts an accepted job's outcome in
 CLIENT_CLOSED = 499  # nginx's code for a client that went away; never reaches the client
 
 
@@ -92,7 +95,7 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     field = ".".join(loc) or "body"
     got = first.get("input")
     shown = "" if got is None or isinstance(got, dict) else f", got {str(got)[:60]!r}"
-    return f"{field}: {first.get('msg')}{shown}", (loc[0] if loc else None)
+    return f"{field}: {first.get('msg')}{shown}", (loc[0] if loc else "body")
 
 
 class Gate:
@@ -110,7 +113,10 @@ class Gate:
             return
         path = scope["path"]
         route = path if path in GENERATION_ROUTES or self._known(path) else "other"
+        arrived = time.monotonic()
         status_seen: list[int] = []
+        outcome: list[tuple[str, str]] = []
+        scope[OUTCOME_KEY] = outcome
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -121,10 +127,18 @@ class Gate:
             await self._guarded(scope, receive, send_counted, path)
         finally:
             status = status_seen[0] if status_seen else 500
-            self._count(route, scope.get("method", ""), status, path)
+            seconds = time.monotonic() - arrived
+            self._count(
+                route, scope.get("method", ""), status, path, seconds, outcome[0] if outcome else None
+            )
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if self.config.needs_auth and path not in OPEN_PATHS and not self._authorized(scope):
+        exempt = path in OPEN_PATHS or self._cors_preflight(scope)
+        if self.config.needs_auth and not exempt and not self._authorized(scope):
+            headers = {"WWW-Authenticate": 'Bearer, Basic realm="sd-engine"'}
+            origin = _header(scope, b"origin")
+            if origin is not None and origin in self.config.cors_origins:
+                headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})  # a page reads why
             response = json_error(
                 path,
                 401,
@@ -132,23 +146,60 @@ class Gate:
                 "Bearer <key>' (or the --api-auth user:password as HTTP Basic)",
                 None,
                 "invalid_api_key",
-                {"WWW-Authenticate": 'Bearer, Basic realm="sd-engine"'},
+                headers,
             )
             await response(scope, receive, send)
             return
         limit = self.config.limits.body_bytes
+        message = f"the request body is larger than this server's {limit:,}-byte limit"
+        too_large = json_error(path, 413, message, "body", "too_large")
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            response = json_error(
-                path,
-                413,
-                f"the request body is larger than this server's {limit:,}-byte limit",
-                "body",
-                "too_large",
-            )
-            await response(scope, receive, send)
+            await too_large(scope, receive, send)
             return
-        await self.app(scope, _limited(receive, limit), send)
+        await self._limited(scope, receive, send, limit, too_large)
+
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: Response
+    ) -> None:
+        """Run the app on a body (chunked: no Content-Length) that may not pass ``limit`` bytes. Once it
+        does, whatever the app answers is replaced by the 413 (FastAPI turns any error while parsing a
+        body into a 400, and the edits route reads its multipart form the same way)."""
+        seen = 0
+        answered = False
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"the request body is larger than this server's {limit:,}-byte limit")
+            return message
+
+        async def send_or_413(message: Message) -> None:
+            nonlocal answered
+            if seen <= limit:
+                await send(message)
+            elif not answered:
+                answered = True
+                await too_large(scope, receive, send)
+
+        try:
+            await self.app(scope, receive_limited, send_or_413)
+        except BodyTooLarge:
+            if not answered:
+                await too_large(scope, receive, send)
+
+    def _cors_preflight(self, scope: Scope) -> bool:
+        """A browser's CORS preflight (it never carries credentials), when CORS is on: the CORS middleware
+        answers it without reaching a route."""
+        return (
+            bool(self.config.cors_origins)
+            and scope.get("method") == "OPTIONS"
+            and _header(scope, b"origin") is not None
+            and _header(scope, b"access-control-request-method") is not None
+        )
 
     def _authorized(self, scope: Scope) -> bool:
         header = _header(scope, b"authorization") or ""
@@ -170,40 +221,26 @@ class Gate:
     def _known(self, path: str) -> bool:
         return path in OPEN_PATHS or path == "/metrics" or path.startswith(("/sdapi/v1/", "/v1/"))
 
-    def _count(self, route: str, method: str, status: int, path: str) -> None:
+    def _count(
+        self, route: str, method: str, status: int, path: str, seconds: float, outcome: tuple[str, str] | None
+    ) -> None:
         metrics = self.state.metrics
         metrics.http.labels(route, method, str(status)).inc()
         api = GENERATION_ROUTES.get(path)
         if api is None or method != "POST":
             return
         metrics.received.labels(api).inc()
+        metrics.latency.labels(api).observe(seconds)
         if status == 200:
             metrics.succeeded.labels(api).inc()
             return
-        outcome, reason = STATUS_OUTCOMES.get(
-            status, ("failed" if status >= 500 else "rejected", "error" if status >= 500 else "invalid")
-        )
-        (metrics.failed if outcome == "failed" else metrics.rejected).labels(api, reason).inc()
+        fallback = ("failed", "error") if status >= 500 else ("rejected", "invalid")
+        kind, reason = outcome or STATUS_OUTCOMES.get(status, fallback)
+        (metrics.failed if kind == "failed" else metrics.rejected).labels(api, reason).inc()
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-def _limited(receive: Receive, limit: int) -> Receive:
-    """``receive`` that stops a chunked body once it passes ``limit`` bytes."""
-    seen = 0
-
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise BodyTooLarge(f"the request body is larger than this server's {limit:,}-byte limit")
-        return message
-
-    return wrapped
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -252,9 +289,11 @@ def _loader(backend: str) -> Callable[[EngineEntry], Any]:
 def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> Response:
-        return json_error(
-            request.url.path, error.status, error.message, error.param, error.code, error.headers
-        )
+        path = request.url.path
+        status = 400 if error.status == 422 and is_openai(path) else error.status  # OpenAI has no 422
+        if error.outcome is not None and isinstance(request.scope.get(OUTCOME_KEY), list):
+            request.scope[OUTCOME_KEY].append(error.outcome)
+        return json_error(path, status, error.message, error.param, error.code, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:
@@ -265,6 +304,16 @@ def _add_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, error: BodyTooLarge) -> Response:
         return json_error(request.url.path, 413, str(error), "body", "too_large")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        """FastAPI's own HTTPExceptions, e.g. a body it cannot decode (not UTF-8, nested too deep)."""
+        cause = error.__cause__
+        message = f"the body could not be parsed: {cause}" if cause is not None else str(error.detail)
+        param = "body" if error.status_code in (400, 422) else None
+        return json_error(
+            request.url.path, error.status_code, message, param, "invalid_request", error.headers
+        )
 
     @app.exception_handler(404)
     async def not_found(request: Request, error: Exception) -> Response:

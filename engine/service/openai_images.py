@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 from engine.errors import RequestError
 from engine.infotext import format_infotext
 from engine.pipeline.request import GenerationRequest
+from engine.schedulers import resolve as resolve_sampler
 from engine.service.catalog import EngineEntry
 from engine.service.state import ApiError, AppState, encode_png, flatten, open_image_bytes, request_error
 
@@ -44,7 +45,7 @@ class ImagesRequest(BaseModel):
     prompt: str
     model: str | None = None
     n: int = Field(1, ge=1)
-    size: str = DEFAULT_SIZE
+    size: str = "auto"
     response_format: str = "b64_json"
     quality: str | None = None
     style: str | None = None
@@ -66,9 +67,18 @@ class ImagesRequest(BaseModel):
         return data
 
 
+def auto_size(image: Image.Image | None, max_side: int, factor: int = 8) -> tuple[int, int]:
+    """``size: "auto"`` (gpt-image-1's default): an edit keeps its image's size (scaled to fit
+    ``max_side``, rounded down to a multiple of ``factor``); a generation is 512x512."""
+    if image is None:
+        return parse_size(DEFAULT_SIZE)
+    scale = min(1.0, max_side / max(image.size))
+    return tuple(max(factor, int(side * scale) // factor * factor) for side in image.size)  # type: ignore[return-value]
+
+
 def parse_size(size: str) -> tuple[int, int]:
     match = _SIZE.match(size)
-    if match is None or size.strip() == "auto":
+    if match is None:
         raise ApiError(400, f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512', got {size!r}", "size")
     return int(match.group(1)), int(match.group(2))
 
@@ -82,7 +92,7 @@ def find_model(state: AppState, name: str | None) -> EngineEntry:
         raise ApiError(404, str(error), "model", "model_not_found") from None
 
 
-def to_request(body: ImagesRequest, image: Image.Image | None) -> GenerationRequest:
+def to_request(body: ImagesRequest, image: Image.Image | None, max_side: int) -> GenerationRequest:
     if body.response_format != "b64_json":
         raise ApiError(
             400,
@@ -94,13 +104,18 @@ def to_request(body: ImagesRequest, image: Image.Image | None) -> GenerationRequ
         raise ApiError(
             400, f"output_format {body.output_format!r} is not supported; use 'png'", "output_format"
         )
-    width, height = parse_size(body.size)
+    auto = body.size.strip().lower() == "auto"
+    width, height = auto_size(image, max_side) if auto else parse_size(body.size)
+    try:
+        sampler = resolve_sampler(body.sampler)
+    except ValueError as error:
+        raise ApiError(400, f"sampler: {error}", "sampler") from None
     settings: dict[str, Any] = {
         "steps": body.steps,
         "guidance_scale": body.cfg_scale,
         "width": width,
         "height": height,
-        "sampler": body.sampler,
+        "sampler": sampler,
         "seed": body.seed,
         "batch_size": body.n,
     }
@@ -109,7 +124,7 @@ def to_request(body: ImagesRequest, image: Image.Image | None) -> GenerationRequ
     try:
         return GenerationRequest.create(body.prompt, body.negative_prompt, **settings)
     except RequestError as error:
-        api_error = request_error(error, status=400)
+        api_error = request_error(error, status=400, names={"guidance_scale": "cfg_scale"})
         if api_error.param in ("width", "height"):
             api_error.param = "size"
         elif api_error.param == "batch_size":
@@ -129,7 +144,7 @@ def respond(results: list[Any]) -> dict[str, Any]:
 
 async def generate(state: AppState, http: Request, body: ImagesRequest, image: Image.Image | None) -> Any:
     entry = find_model(state, body.model)
-    request = to_request(body, image)
+    request = to_request(body, image, state.config.limits.side)
     try:
         state.check_limits(request, request.num_images, entry)
     except ApiError as error:

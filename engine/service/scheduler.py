@@ -163,17 +163,26 @@ class Scheduler:
             job.cancel_reason = reason
             if job.state is JobState.QUEUED:
                 self._finish(job, JobState.CANCELLED, error=Cancelled(f"request {reason} before it started"))
+                if started and not self._running:
+                    self.board.idle()  # it was between two of its chunks, still on the board
             return not started
 
     def interrupt(self) -> int:
-        """A1111's interrupt: every running job stops at its next step and answers with what it has; its
-        later chunks are dropped. Queued jobs are untouched; nothing is remembered when idle."""
+        """A1111's interrupt: every running job (also one between its iterations) stops at its next step and
+        answers with what it has; its later chunks are dropped. Queued jobs that have not started are
+        untouched; nothing is remembered when idle."""
         with self._cond:
             for job in self._running:
                 job.interrupted = True
+            between = [job for job in self._queued if job.started]  # waiting for its next iteration
+            for job in between:
+                job.interrupted = True
+                self._finish(job, JobState.DONE)
             if self._running:
                 self.board.flag(interrupted=True)
-            return len(self._running)
+            elif between:
+                self.board.idle()
+            return len(self._running) + len(between)
 
     def skip(self) -> int:
         """A1111's skip: the running batch stops at its next step; its jobs go on with their next chunk."""
@@ -186,6 +195,11 @@ class Scheduler:
     def queued_jobs(self) -> int:
         with self._cond:
             return len(self._queued)
+
+    def in_flight(self) -> int:
+        """Jobs queued or running."""
+        with self._cond:
+            return len(self._queued) + len(self._running)
 
     def busy(self) -> bool:
         with self._cond:
@@ -211,7 +225,8 @@ class Scheduler:
             return True
 
     def stop(self) -> None:
-        """End the workers (after wait_idle); queued work left is cancelled."""
+        """End the workers (after wait_idle); queued work left is cancelled and a running batch stops at
+        its next step (its requests fail with Cancelled), so a timed-out drain does not wait for it."""
         with self._cond:
             self._stopping = True
             for job in list(self._queued):
@@ -282,7 +297,7 @@ class Scheduler:
         if key is None:
             return batch
         images = sum(i.chunk.num_images for i in batch)
-        blocked: set[int] = set()
+        blocked = {id(i.job) for i in batch}  # a job's chunks run one after another (A1111's iterations)
         for item in list(queue):
             fits = item.chunk.batch_key == key and images + item.chunk.num_images <= self.max_batch
             if fits and id(item.job) not in blocked:
@@ -324,6 +339,8 @@ class Scheduler:
         try:
             results = pipeline.run_batch([item.chunk for item in batch], self._on_step(jobs))
         except (RequestError, Cancelled) as error:
+            if self._stopping and isinstance(error, Cancelled):
+                error = Cancelled(f"the server stopped before the request finished ({error})")
             self._fail(jobs, error)
             return
         except Exception as error:
@@ -334,7 +351,8 @@ class Scheduler:
             self.pool.release(entry)
             with self._cond:
                 self._skip = False
-            self.board.idle()
+                if not any(self._continues(item.job) for item in batch):
+                    self.board.idle()  # a job with chunks left keeps the board until its next chunk starts
         seconds = time.monotonic() - begin
         images = sum(item.chunk.num_images for item in batch)
         self.metrics.observe_batch(images, seconds, results[0].steps_done or 0)
@@ -345,13 +363,19 @@ class Scheduler:
         def on_step(info: StepInfo) -> StepControl:
             self.board.step(info.step, info.total, info.latents)
             with self._cond:
-                if all(job.cancel_reason for job in jobs):
+                if self._stopping or all(job.cancel_reason for job in jobs):
                     return StepControl.CANCEL
                 if self._skip or any(job.interrupted for job in jobs):
                     return StepControl.STOP
             return StepControl.CONTINUE
 
         return on_step
+
+    def _continues(self, job: Job) -> bool:
+        """Under the lock: whether the job has chunks left to run after the one now ending."""
+        if job.state is not JobState.RUNNING or job.interrupted or job.cancel_reason:
+            return False
+        return job.done_chunks + 1 < len(job.chunks)
 
     def _deliver(self, batch: list[Item], results: list[GenerationResult]) -> None:
         with self._cond:

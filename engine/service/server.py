@@ -2,8 +2,8 @@
 
 The first SIGTERM or SIGINT starts the drain: /health/ready and new generation requests answer 503,
 queued and running work finishes (up to ``drain_timeout_s``), answers are sent, then the server exits.
-A second signal stops at once. ``serve`` returns 0 when everything accepted was answered, 1 when the
-drain timed out with work left.
+Work left at the drain timeout is cancelled (its clients get a 503). A second signal stops at once.
+``serve`` returns 0 when everything accepted was answered, 1 when the drain timed out with work left.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
     def _drain(self) -> None:
-        self.drained = self.app_state.scheduler.wait_idle(self.drain_timeout_s)
+        scheduler = self.app_state.scheduler
+        self.drained = scheduler.wait_idle(self.drain_timeout_s)
         if not self.drained:
-            log.error(
-                "drain timeout: %d requests still queued or running", self.app_state.scheduler.queued_jobs()
-            )
+            log.error("drain timeout: cancelling %d requests still queued or running", scheduler.in_flight())
+            scheduler.stop()  # their clients get a 503 now, within uvicorn's graceful shutdown
         self.should_exit = True
 
 

@@ -7,13 +7,14 @@ import asyncio
 import base64
 import binascii
 import io
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import Cancelled, EngineError, RequestError
-from engine.pipeline.request import GenerationRequest
+from engine.pipeline.request import SETTINGS, GenerationRequest
 from engine.service.catalog import Catalog, EngineEntry, PipelinePool
 from engine.service.config import ServeConfig
 from engine.service.metrics import ServiceMetrics
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 DISCONNECT_POLL_S = 0.25
 DATA_URL_PREFIX = "base64,"
+FIELD_NAMES = frozenset((*SETTINGS, "prompt", "negative_prompt"))  # what an engine message may start with
 
 
 class ApiError(Exception):
@@ -40,6 +42,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        outcome: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -47,14 +50,27 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.outcome = outcome  # for the metrics, when the status alone would mislabel it: (kind, reason)
 
 
-def request_error(error: RequestError, status: int = 422) -> ApiError:
-    """A RequestError's line as an ApiError; its first word before ':' or ' must' names the field."""
+def request_error(error: RequestError, status: int = 422, names: Mapping[str, str] | None = None) -> ApiError:
+    """A RequestError's line as an ApiError naming the field: the name before ':' (``"scheduler: ..."``),
+    else a leading setting name (``"steps must be ..."``, ``"clip_skip 3: ..."``), else none. ``names``
+    maps the engine's setting names to the API's (``guidance_scale`` -> ``cfg_scale``), in the field and
+    at the start of the message."""
     text = str(error)
-    head = text.split(":", 1)[0] if ":" in text else text.split(" ", 1)[0]
-    param = head if head.replace("_", "").isalnum() else None
-    return ApiError(status, text, param)
+    head = text.split(":", 1)[0] if ":" in text else ""
+    first = re.split(r"[\s:]", text, maxsplit=1)[0]
+    if head and head.replace("_", "").isalnum():
+        param = head
+    elif first in FIELD_NAMES:
+        param = first
+    else:
+        return ApiError(status, text, None)
+    renamed = (names or {}).get(param, param)
+    if renamed != param and text.startswith(param):
+        text = renamed + text[len(param) :]
+    return ApiError(status, text, renamed)
 
 
 @dataclass
@@ -126,7 +142,8 @@ class AppState:
             self.loaded_default.set()
 
     def check_limits(self, request: GenerationRequest, images: int, entry: EngineEntry) -> None:
-        """The server's limits and the model's size rule, before queueing: ApiError (4xx) naming the field."""
+        """The server's limits, the model's size rule and readable prompts, before queueing: ApiError (4xx)
+        naming the field."""
         limits = self.config.limits
         if request.steps > limits.steps:
             raise ApiError(
@@ -141,11 +158,12 @@ class AppState:
                     422, f"{name} must be a multiple of {entry.vae_scale_factor}, got {side}", name
                 )
         if images > limits.images:
+            several = images > request.num_images  # n_iter > 1
+            name, what = ("n_iter", "batch_size x n_iter is ") if several else ("batch_size", "")
             raise ApiError(
-                422,
-                f"a request may ask for at most {limits.images} images on this server, got {images}",
-                "batch_size",
+                422, f"{name}: {what}{images} images; this server allows at most {limits.images}", name
             )
+        check_text(request)
 
     async def run(
         self, http: Request, entry: EngineEntry, request: GenerationRequest, n_iter: int, kind: str
@@ -172,9 +190,11 @@ class AppState:
                 break
             if await http.is_disconnected():
                 self.scheduler.cancel(job, "was dropped: its client disconnected")
+                future.add_done_callback(_retrieve)
                 raise ApiError(499, "client disconnected", None, "cancelled")
             if loop.time() > deadline:
                 self.scheduler.cancel(job, "timed out")
+                future.add_done_callback(_retrieve)
                 raise ApiError(
                     504, f"the request took longer than {self.config.request_timeout_s:g} s", None, "timeout"
                 )
@@ -183,9 +203,31 @@ class AppState:
         except RequestError as error:
             raise request_error(error) from None
         except Cancelled as error:
-            raise ApiError(503, str(error), None, "cancelled") from None
+            raise ApiError(503, str(error), None, "cancelled", outcome=("failed", "cancelled")) from None
         except EngineError as error:
             raise ApiError(500, str(error), None, "engine_error") from None
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Read an abandoned job's outcome, so asyncio does not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
+
+
+def check_text(request: GenerationRequest) -> None:
+    """Prompts must be valid Unicode (JSON's ``\\ud800`` escapes decode to lone surrogates the tokenizer
+    rejects); checked before queueing so one bad prompt cannot fail the batch it would join."""
+    for name, texts in (("prompt", request.prompts), ("negative_prompt", request.negative_prompts)):
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ApiError(
+                    422,
+                    f"{name} holds a character that is not valid Unicode ({text[error.start]!r} at "
+                    f"{error.start}, a lone surrogate)",
+                    name,
+                ) from None
 
 
 def decode_base64_image(text: Any, field_name: str, config: ServeConfig) -> Image.Image:
