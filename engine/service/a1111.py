@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from engine.errors import RequestError
@@ -25,6 +25,7 @@ from engine.pipeline.previews import preview_png_base64
 from engine.pipeline.request import GenerationRequest
 from engine.service.catalog import EngineEntry
 from engine.service.samplers import resolve_sampler, samplers_listing, schedulers_listing
+from engine.service.schema import LenientModel
 from engine.service.state import (
     ApiError,
     AppState,
@@ -37,14 +38,12 @@ from engine.service.state import (
 A1111_VERSION = "v1.10.1"  # the A1111 API this server follows
 
 
-class A1111Request(BaseModel):
+class A1111Request(LenientModel):
     """The fields txt2img and img2img share. ``None`` for any field means its default."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     prompt: str = ""
     negative_prompt: str = ""
-    styles: list[str] = []
+    styles: list[str] = Field(default_factory=list)
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
@@ -69,25 +68,18 @@ class A1111Request(BaseModel):
     s_tmax: float | None = None
     s_tmin: float | None = None
     s_noise: float | None = None
-    override_settings: dict[str, Any] = {}
+    override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
     comments: dict[str, Any] | None = None
     script_name: str | None = None
-    script_args: list[Any] = []
+    script_args: list[Any] = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict[str, Any] = {}
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     infotext: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
     def unsupported(self) -> dict[str, Any]:
         """Fields set to a feature this engine lacks: name -> value (empty when none)."""
@@ -125,7 +117,7 @@ class Txt2ImgRequest(A1111Request):
 
 
 class Img2ImgRequest(A1111Request):
-    init_images: list[Any] = []
+    init_images: list[Any] = Field(default_factory=list)
     resize_mode: int = Field(0, ge=0, le=3)
     denoising_strength: float = 0.75
     image_cfg_scale: float | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -26,6 +26,7 @@ from engine.infotext import format_infotext
 from engine.pipeline.request import GenerationRequest
 from engine.schedulers import resolve as resolve_sampler
 from engine.service.catalog import EngineEntry
+from engine.service.schema import LenientModel
 from engine.service.state import ApiError, AppState, encode_png, flatten, open_image_bytes, request_error
 
 OPENAI_ALIASES = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
@@ -37,10 +38,8 @@ DEFAULT_EDIT_STRENGTH = 0.75
 _SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
-class ImagesRequest(BaseModel):
+class ImagesRequest(LenientModel):
     """A generation (or, with its image, an edit). ``None`` means a field's default."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: str
     model: str | None = None
@@ -58,13 +57,6 @@ class ImagesRequest(BaseModel):
     cfg_scale: float = DEFAULT_CFG
     sampler: str = DEFAULT_SAMPLER
     strength: float = DEFAULT_EDIT_STRENGTH
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
 
 def auto_size(image: Image.Image | None, max_side: int, factor: int = 8) -> tuple[int, int]:

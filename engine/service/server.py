@@ -9,12 +9,14 @@ Work left at the drain timeout is cancelled (its clients get a 503). A second si
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from engine.errors import EngineError
 from engine.service.config import ServeConfig
 
 log = logging.getLogger("sd-engine.serve")
@@ -52,10 +54,23 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def check_address(host: str, port: int) -> None:
+    """EngineError, one line, when ``host:port`` cannot be listened on (in use, not this machine's, ...),
+    before any model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise EngineError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def serve(config: ServeConfig) -> int:
     """Serve until a signal; the exit status (0: every accepted request answered)."""
     from engine.service.app import create_app
 
+    check_address(config.host, config.port)
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
