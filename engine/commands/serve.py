@@ -13,6 +13,25 @@ GIB = 2**30
 MIB = 2**20
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {value}")
+    return value
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $SD_ENGINE_API_KEY; an empty one is refused: it would serve without auth."""
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise EngineError("--api-key is empty (an unset variable?); give a key or leave the option out")
+        return args.api_key
+    value = os.environ.get(API_KEY_VARIABLE)
+    if value is not None and not value.strip():
+        raise EngineError(f"{API_KEY_VARIABLE} is set but empty; give it a key or unset it")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -67,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms,
-        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        api_key=api_key(args),
         api_auth=args.api_auth or (),
         drain_timeout_s=args.drain_timeout,
         request_timeout_s=args.request_timeout,
@@ -90,9 +109,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "/health/live, /health/ready and /metrics. The first folder is the default model. SIGTERM or "
         "Ctrl-C drains: new work gets 503, accepted work finishes, then exit 0.",
     )
-    cmd.add_argument("engine_dirs", nargs="+", type=Path, metavar="ENGINE_DIR")
+    cmd.add_argument(
+        "engine_dirs",
+        nargs="+",
+        type=Path,
+        metavar="ENGINE_DIR",
+        help="engine folders from `sd-engine export`; the first is the default model",
+    )
     cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    cmd.add_argument("--port", type=int, default=7860, help="port (default 7860, A1111's)")
+    cmd.add_argument("--port", type=port_number, default=7860, help="port (default 7860, A1111's)")
     cmd.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 429 (64)")
     cmd.add_argument("--max-batch", type=positive_int, default=4, help="images per UNet batch (4)")
     cmd.add_argument(
@@ -115,24 +140,41 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         default=600.0,
         help="seconds from arrival to answer before a 504 (600)",
     )
-    cmd.add_argument("--backend", default="onnxruntime", choices=backend_names())
+    cmd.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=backend_names(),
+        help="what runs the networks (default onnxruntime)",
+    )
     cmd.add_argument(
         "--memory-budget-gb",
         type=non_negative,
         default=0.0,
-        help="unload least recently used models beyond this much weight (0: no limit)",
+        help="unload least recently used models beyond this much weight (default 0: no limit)",
     )
     cmd.add_argument(
         "--preview-every",
         type=int,
         default=5,
-        help="steps between /progress previews (A1111's show_progress_every_n_steps; 0: none)",
+        help="steps between /progress previews (A1111's show_progress_every_n_steps; default 5; 0: none)",
     )
-    cmd.add_argument("--max-steps", type=positive_int, default=150)
-    cmd.add_argument("--max-side", type=positive_int, default=2048, help="largest width or height (px)")
-    cmd.add_argument("--max-images", type=positive_int, default=16, help="images per request")
-    cmd.add_argument("--max-body-mb", type=non_negative, default=64.0)
-    cmd.add_argument("--max-image-mb", type=non_negative, default=32.0, help="one decoded image file")
-    cmd.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096)
+    cmd.add_argument("--max-steps", type=positive_int, default=150, help="steps per request (150)")
+    cmd.add_argument("--max-side", type=positive_int, default=2048, help="largest width or height (2048 px)")
+    cmd.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=16,
+        help="images per request: batch_size x n_iter, or n (16); batch_size itself is at most 64",
+    )
+    cmd.add_argument("--max-body-mb", type=non_negative, default=64.0, help="request body size (64 MiB)")
+    cmd.add_argument(
+        "--max-image-mb", type=non_negative, default=32.0, help="one decoded image file (32 MiB)"
+    )
+    cmd.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=4096 * 4096,
+        help="width x height of one decoded image (16777216 = 4096x4096)",
+    )
     cmd.add_argument("--cors-origin", action="append", help="allow this origin (CORS is off by default)")
     cmd.set_defaults(run=cmd_serve)

@@ -182,8 +182,28 @@ def engine_for(state: AppState, body: A1111Request) -> tuple[EngineEntry, int]:
         entry = state.catalog.find(str(name), "override_settings.sd_model_checkpoint")
     except RequestError as error:
         raise ApiError(404, str(error), "sd_model_checkpoint", "model_not_found") from None
+    check_overrides(overrides)
     clip_skip = overrides.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
     return entry, clip_skip
+
+
+# Options that change the images, with the only values this engine gives; others would be silently wrong.
+FIXED_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "eta_noise_seed_delta": (0, "0"),
+    "sd_vae": ("Automatic", "None", ""),
+    "samples_format": ("png", "PNG"),
+}
+
+
+def check_overrides(settings: dict[str, Any]) -> None:
+    """ApiError 422 naming an option set to a value this engine cannot honour (see FIXED_OPTIONS)."""
+    for name, allowed in FIXED_OPTIONS.items():
+        if name in settings and settings[name] not in allowed:
+            raise ApiError(
+                422,
+                f"{name}: {settings[name]!r} is not supported by this server; it gives {allowed[0]!r} only",
+                name,
+            )
 
 
 def build_request(
@@ -345,8 +365,13 @@ def build_router(state: AppState) -> APIRouter:
 
     @router.post("/img2img")
     async def img2img(body: Img2ImgRequest, http: Request) -> dict[str, Any]:
-        if not body.init_images:
-            raise ApiError(422, "init_images must hold one base64 image, got an empty list", "init_images")
+        if len(body.init_images) != 1:
+            raise ApiError(
+                422,
+                f"init_images must hold one base64 image on this server (A1111's cycling "
+                f"through several is not supported), got {len(body.init_images)}",
+                "init_images",
+            )
         entry, clip_skip = engine_for(state, body)
         image = await run_in_threadpool(decode_base64_image, body.init_images[0], "init_images", state.config)
         image = resize_init_image(image, body.resize_mode, body.width, body.height)
@@ -403,6 +428,7 @@ def build_router(state: AppState) -> APIRouter:
     @router.post("/options")
     async def set_options(changes: dict[str, Any]) -> dict[str, Any]:
         changes = dict(changes)
+        check_overrides(changes)
         if "sd_model_checkpoint" in changes:
             try:
                 entry = state.catalog.find(str(changes["sd_model_checkpoint"]), "sd_model_checkpoint")

@@ -95,11 +95,15 @@ class Catalog:
 
     def find(self, key: str, field: str = "model") -> EngineEntry:
         """The entry a request names; RequestError naming the field and the served titles otherwise."""
-        for entry in self.entries:
-            if key in entry.names():
-                return entry
-        titles = ", ".join(entry.title for entry in self.entries)
-        raise RequestError(f"{field}: no served model is called {key!r}; served: {titles}")
+        exact = [entry for entry in self.entries if key in (entry.name, entry.title)]
+        found = exact or [entry for entry in self.entries if key in entry.names()]
+        if len(found) == 1:
+            return found[0]
+        served = ", ".join(f"{entry.name} ({entry.title})" for entry in self.entries)
+        if found:
+            names = ", ".join(entry.name for entry in found)
+            raise RequestError(f"{field}: {key!r} names several served models ({names}); use a folder name")
+        raise RequestError(f"{field}: no served model is called {key!r}; served: {served}")
 
 
 def _unique_titles(entries: Sequence[EngineEntry]) -> list[EngineEntry]:

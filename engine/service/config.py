@@ -34,7 +34,8 @@ class ServeConfig:
     new ones get 429. max_batch: images per UNet batch (dynamic batching and the split of large
     requests). batch_window_ms: how long the worker waits for compatible requests to join a batch.
     api_key: Bearer token; api_auth: A1111's ``user:pass`` pairs (HTTP Basic). drain_timeout_s: how long
-    SIGTERM waits for accepted work. request_timeout_s: from arrival to answer (504 beyond).
+    SIGTERM waits for accepted work. request_timeout_s: from the request reaching its route (body read) to
+    the answer (504 beyond).
     memory_budget_bytes: loaded pipelines are evicted least recently used beyond it (their ONNX files'
     size counts). preview_every: steps between progress previews (0: none). cors_origins: none by default.
     """

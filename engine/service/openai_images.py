@@ -51,6 +51,7 @@ class ImagesRequest(LenientModel):
     user: str | None = None
     background: str | None = None
     output_format: str | None = None
+    stream: bool = False
     negative_prompt: str = ""
     seed: int = -1
     steps: int = Field(DEFAULT_STEPS, ge=1)
@@ -91,6 +92,19 @@ def to_request(body: ImagesRequest, image: Image.Image | None, max_side: int) ->
             f"response_format {body.response_format!r} is not supported: this server "
             "returns images inline only; use 'b64_json'",
             "response_format",
+        )
+    if body.stream:
+        raise ApiError(
+            400,
+            "stream: streamed (partial) images are not supported by this server; "
+            "send the request without stream",
+            "stream",
+        )
+    if body.background not in (None, "auto", "opaque"):
+        raise ApiError(
+            400,
+            f"background {body.background!r} is not supported: images are opaque; use 'auto' or 'opaque'",
+            "background",
         )
     if body.output_format not in (None, "png"):
         raise ApiError(
@@ -166,6 +180,8 @@ async def read_edit_form(http: Request, state: AppState) -> tuple[ImagesRequest,
         raise ApiError(
             400, "image: an edit needs an image file (multipart field 'image' or 'image[]')", "image"
         )
+    if len(files) > 1:
+        raise ApiError(400, f"image: an edit takes one image on this server, got {len(files)}", "image")
     data = await files[0].read()
     image = await run_in_threadpool(open_image_bytes, data, "image", state.config)
     fields = {

@@ -84,6 +84,7 @@ class Job:
     results: dict[int, GenerationResult] = field(default_factory=dict)
     done_chunks: int = 0
     started: bool = False
+    started_at: float = 0.0  # time.time() of its first chunk's start: /progress's ETA and job_timestamp
     interrupted: bool = False
     cancel_reason: str | None = None
 
@@ -321,6 +322,7 @@ class Scheduler:
             self._running.add(job)
             if not job.started:
                 job.started = True
+                job.started_at = time.time()
                 self.metrics.queue_wait.observe(time.monotonic() - job.created)
             self.board.set_queued(len(self._queued))
 
@@ -328,7 +330,8 @@ class Scheduler:
         first = batch[0]
         jobs = list(dict.fromkeys(item.job for item in batch))
         iteration = first.job.chunks[first.index][0]
-        self.board.start(first.job.kind, first.job.iterations, iteration, first.chunk.steps, time.time())
+        started = first.job.started_at or time.time()
+        self.board.start(first.job.kind, first.job.iterations, iteration, first.chunk.steps, started)
         begin = time.monotonic()
         try:
             pipeline = self.pool.acquire(entry)

@@ -30,25 +30,38 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.app_state = app_state
         self.drain_timeout_s = drain_timeout_s
-        self.drained = True
+        self.work_left = False  # set when the exit cancelled accepted work: serve() then returns 1
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining:
-            log.warning("second signal: stopping now")
-            self.drained = not self.app_state.scheduler.busy()
-            self.should_exit = True
-            self.force_exit = True
+            log.warning("second signal: stopping now; the requests still queued or running get a 503")
+            threading.Thread(target=self._stop_now, name="stop", daemon=True).start()
             return
         self._draining = True
         self.app_state.scheduler.start_drain()
         log.warning("draining: finishing accepted requests (up to %g s) before exit", self.drain_timeout_s)
         threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
+    def _stop_now(self) -> None:
+        """Cancel the work left (the running batch at its next step) and exit once its clients have their
+        503: no request is cut off mid-answer, and no network is running when the interpreter exits."""
+        scheduler = self.app_state.scheduler
+        self.work_left = self.work_left or scheduler.busy()
+        scheduler.stop()
+        self.should_exit = True
+
+    def watch_start(self) -> None:
+        """Exit (and let serve() report it) when the default model fails to load: a server that can
+        never be ready should not sit behind a load balancer."""
+        self.app_state.loaded_default.wait()
+        if self.app_state.load_error:
+            self.should_exit = True
+
     def _drain(self) -> None:
         scheduler = self.app_state.scheduler
-        self.drained = scheduler.wait_idle(self.drain_timeout_s)
-        if not self.drained:
+        if not scheduler.wait_idle(self.drain_timeout_s):
+            self.work_left = True
             log.error("drain timeout: cancelling %d requests still queued or running", scheduler.in_flight())
             scheduler.stop()  # their clients get a 503 now, within uvicorn's graceful shutdown
         self.should_exit = True
@@ -71,6 +84,10 @@ def serve(config: ServeConfig) -> int:
     from engine.service.app import create_app
 
     check_address(config.host, config.port)
+    if not config.needs_auth and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without --api-key or --api-auth: anyone who reaches it can use it", config.host
+        )
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
@@ -85,5 +102,8 @@ def serve(config: ServeConfig) -> int:
     log.warning(
         "sd-engine serving %d model(s) on http://%s:%d", len(config.engines), config.host, config.port
     )
+    threading.Thread(target=server.watch_start, name="watch-start", daemon=True).start()
     server.run()
-    return 0 if server.drained else 1
+    if app.state.load_error:
+        raise EngineError(f"the default model failed to load: {app.state.load_error}")
+    return 1 if server.work_left else 0

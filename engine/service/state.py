@@ -138,6 +138,8 @@ class AppState:
             self.pool.release(entry)
         except EngineError as error:
             self.load_error = str(error)
+        except Exception as error:  # a backend's own failure: reported the same way, in one line
+            self.load_error = f"{type(error).__name__}: {error}"
         finally:
             self.loaded_default.set()
 

@@ -815,3 +815,30 @@ def test_override_settings_with_a_served_or_unknown_model(server, ref: Reference
         assert_same_images(response_images(server.post(TXT2IMG, json=body)), ref.images(**settings_of(body)))
     body = {"prompt": PROMPT, **SMALL, "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}
     assert_error(server.post(TXT2IMG, json=body), 404, "sd_model_checkpoint", "../../etc/passwd")
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "field"),
+    [
+        ("img2img", {"init_images": ["IMAGE", "IMAGE"]}, "init_images"),
+        ("txt2img", {"override_settings": {"eta_noise_seed_delta": 31337}}, "eta_noise_seed_delta"),
+        ("txt2img", {"override_settings": {"sd_vae": "other.safetensors"}}, "sd_vae"),
+        ("txt2img", {"override_settings": {"samples_format": "jpg"}}, "samples_format"),
+    ],
+)
+def test_what_would_change_the_images_unseen_is_a_422(server, route: str, extra: dict, field: str) -> None:
+    """Settings A1111 honours and this engine cannot: refused naming them, never silently ignored."""
+    image = b64_png(Image.new("RGB", (64, 64), (90, 120, 200)))
+    extra = {
+        k: [image if v == "IMAGE" else v for v in vs] if k == "init_images" else vs for k, vs in extra.items()
+    }
+    answer = server.post(f"{API}/{route}", json={"prompt": PROMPT, **SMALL, **extra})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field and field in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("eta_noise_seed_delta", 31337), ("samples_format", "webp")])
+def test_options_the_engine_cannot_honour_are_refused(server, option: str, value: Any) -> None:
+    answer = server.post(f"{API}/options", json={option: value})
+    assert answer.status_code == 422 and answer.json()["field"] == option, answer.text
+    assert server.get(f"{API}/options").json()[option] != value

@@ -48,9 +48,20 @@ def test_folders_that_are_not_engines_are_one_line(tmp_path: Path, folder: str, 
         (["--api-auth", "nopassword"], "user:password"),
         (["--max-batch", "0"], "at least 1"),
         (["--drain-timeout", "-1"], ">= 0"),
+        (["--port", "99999"], "0..65535"),
     ],
 )
 def test_bad_options_are_usage_errors(tiny_engine: Path, args: list[str], expected: str) -> None:
     result = serve(str(tiny_engine), *args)
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["option", "variable"])
+def test_an_empty_api_key_is_refused_not_an_open_server(tiny_engine: Path, how: str, monkeypatch) -> None:
+    if how == "option":
+        result = serve(str(tiny_engine), "--api-key", "")
+    else:
+        monkeypatch.setenv("SD_ENGINE_API_KEY", "")
+        result = serve(str(tiny_engine))
+    assert "empty" in one_error_line(result)

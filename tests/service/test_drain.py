@@ -147,3 +147,31 @@ def test_drain_timeout_cancels_the_work_left_and_exits_1(tiny_engine: Path) -> N
         answers = work.join()  # cancelled at its next step, not run to the end
         for status, detail in answers.values():
             assert status == 503 and "server stopped" in detail, (status, detail)
+
+
+def test_a_second_signal_stops_at_once_with_503s_and_exit_1(tiny_engine: Path) -> None:
+    """The first signal drains; a second one cancels the work left at its next step: its clients get a
+    503 JSON (not a 500 or a cut connection), no traceback, and exit 1 (work was left)."""
+    with serve(tiny_engine, "--drain-timeout", "60") as (process, url):
+        work = Requests(url, 2, {**LONG, "steps": 100})
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: requests.get(url + "/health/ready", timeout=5).status_code == 503, "readiness 503")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=EXIT_TIMEOUT_S)
+        assert process.returncode == 1, stderr[-2000:]
+        assert "second signal" in stderr and "Traceback" not in stderr, stderr[-2000:]
+        for status, detail in work.join().values():
+            assert status == 503 and "server stopped" in detail, (status, detail)
+
+
+def test_a_default_model_that_cannot_load_ends_the_server_in_one_line(tiny_engine: Path) -> None:
+    """A backend this machine lacks: the server does not sit there unready; one line, exit 1."""
+    port = free_port()
+    command = [sys.executable, "-m", "engine.cli", "serve", str(tiny_engine), "--port", str(port)]
+    result = subprocess.run(
+        [*command, "--backend", "tensorrt"], cwd=REPO, capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sd-engine: error: the default model failed to load:"), last

@@ -237,22 +237,44 @@ def test_edit_with_one_image_equals_img2img(
     np.testing.assert_array_equal(pixels(response.data[0].b64_json), expected[0])
 
 
-def test_edit_with_a_list_sends_image_brackets_and_uses_the_first(
+def test_edit_with_a_list_sends_image_brackets(
     client: openai.OpenAI, pipe: Any, rng: np.random.Generator
 ) -> None:
     seed = draw_seed(rng)
-    first, second = random_image(rng), random_image(rng)
+    image = random_image(rng)
     response = client.images.edit(
-        image=[("a.png", png_bytes(first), "image/png"), ("b.png", png_bytes(second), "image/png")],
+        image=[("a.png", png_bytes(image), "image/png")],  # a list: the SDK sends the field as image[]
         prompt="a watercolour",
         n=2,
         size=f"{SIZE}x{SIZE}",
         extra_body={"steps": STEPS, "seed": seed},
     )
-    expected = reference(pipe, "a watercolour", seed, n=2, image=first, strength=DEFAULT_EDIT_STRENGTH)
+    expected = reference(pipe, "a watercolour", seed, n=2, image=image, strength=DEFAULT_EDIT_STRENGTH)
     assert [item.model_extra["seed"] for item in response.data] == [seed, seed + 1]
     for item, want in zip(response.data, expected, strict=True):
         np.testing.assert_array_equal(pixels(item.b64_json), want)
+
+
+def test_edit_with_several_images_is_a_400_naming_image(
+    client: openai.OpenAI, rng: np.random.Generator
+) -> None:
+    files = [(f"{name}.png", png_bytes(random_image(rng)), "image/png") for name in "ab"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.images.edit(image=files, prompt="x", size="64x64", extra_body={"steps": 2})
+    assert_error(raised.value.body, "image")
+    assert "one image" in raised.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"stream": True, "partial_images": 1}, "stream"), ({"background": "transparent"}, "background")],
+)
+def test_what_the_server_cannot_give_is_a_400_naming_it(
+    client: openai.OpenAI, extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.images.generate(prompt="x", size="64x64", extra_body={"steps": 2, **extra})
+    assert_error(raised.value.body, param)
 
 
 def test_edit_with_a_mask_is_a_400_naming_mask(client: openai.OpenAI, rng: np.random.Generator) -> None:
