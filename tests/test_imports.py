@@ -44,11 +44,8 @@ RUNTIME = (
     "engine.models.folder",
     "engine.pipeline",
     "engine.pipeline.request",
-    "engine.pipeline.previews",
     "engine.rng",
-    "engine.service.app",
-    "engine.service.server",
-    "engine.commands.serve",
+    "engine.service.app",  # the whole service but server.py (uvicorn only)
     "engine.specs",
     "engine.tensorrt.plans",
     "engine.text.conditioning",

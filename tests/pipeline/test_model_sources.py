@@ -138,6 +138,7 @@ def test_manifest_and_infotext_carry_the_a1111_identity(sd1: Sd1Export) -> None:
     assert f"Model hash: {sha256[:10]}, Model: dreamy-v2, VAE hash: {vae_hash}, VAE: other" in infotext
 
 
+@pytest.mark.slow  # 100 s (two tiny exports and diffusers runs): keeps CI under 15 minutes on 2 cores
 def test_sd2_v_prediction_checkpoint_from_its_yaml(tiny_v_model: Path, tmp_path: Path) -> None:
     checkpoint = write_checkpoint(tiny_v_model, tmp_path / "sd2-v.safetensors", dtype=torch.float16)
     checkpoint.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
