@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine import __version__
-from engine.commands import bench, build, export, generate, init_random, samplers, serve
+from engine.commands import bench, build, export, generate, init_random, render, samplers, serve
 from engine.commands.common import EXIT_INTERRUPTED, EXIT_USER_ERROR, err
 from engine.errors import EngineError
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sd-engine {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (init_random, export, generate, samplers, build, bench, serve):
+    for command in (init_random, export, generate, samplers, build, bench, serve, render):
         command.add_command(commands)
     return parser
 

@@ -55,6 +55,8 @@ RUNTIME = (
 USE = {
     "engine.cli": "engine.cli.build_parser()",  # builds every subcommand's parser, bench included
     "engine.schedulers": "engine.schedulers.create('DPM++ 2M Karras').set_timesteps(5)",
+    # `sd-engine render`'s driver and everything it may load (ray itself only when --ray runs)
+    "engine.batch.render": "import engine.batch.local, engine.batch.review, engine.batch.ray_runner",
 }
 
 CASES = [
