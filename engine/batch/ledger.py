@@ -53,17 +53,19 @@ class LedgerEntry:
 class Ledger:
     """``results.jsonl``, read on open and appended to; not thread-safe (the driver alone writes it)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, writable: bool = True) -> None:
+        """Read the ledger; ``writable`` False (a dry run) neither repairs nor creates the file."""
         self.out_dir = out_dir
         self.path = out_dir / LEDGER_NAME
         self._by_key: dict[str, list[LedgerEntry]] = {}
         self._hashes: dict[str, str | None] = {}  # file -> sha256 of its bytes (None: missing), this run
-        for entry in _read_entries(self.path):
+        for entry in _read_entries(self.path, repair=writable):
             self._by_key.setdefault(entry.key, []).append(entry)
-        self._handle: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._handle: TextIO | None = open(self.path, "a", encoding="utf-8") if writable else None  # noqa: SIM115
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -76,6 +78,8 @@ class Ledger:
 
     def append(self, entry: LedgerEntry) -> None:
         """Record a finished PNG: one line, flushed and fsynced before returning."""
+        if self._handle is None:
+            raise RuntimeError("the ledger was opened read-only")
         self._handle.write(json.dumps(entry.to_json(), ensure_ascii=False, sort_keys=True) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -97,13 +101,14 @@ class Ledger:
         return self._hashes[entry.file] == entry.sha256
 
 
-def _read_entries(path: Path) -> Iterator[LedgerEntry]:
-    """The ledger's complete lines; a torn last line (a kill -9 mid-append) is cut off the file."""
+def _read_entries(path: Path, repair: bool = True) -> Iterator[LedgerEntry]:
+    """The ledger's complete lines; a torn last line (a kill -9 mid-append) is skipped, and with
+    ``repair`` cut off the file."""
     if not path.exists():
         return
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
+    if repair and len(complete) != len(data):
         with open(path, "r+b") as handle:
             handle.truncate(len(complete))
     for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), start=1):

@@ -123,6 +123,44 @@ def render(job: RenderJob, progress: Callable[[int], ProgressHook] | None = None
     return summary
 
 
+@dataclass(frozen=True)
+class Preview:
+    """What a render would do (``--dry-run``): images planned, found done, to copy from an equal
+    finished image, to render, and the bad rows (RowError values, with their lines)."""
+
+    planned: int
+    done: int
+    copies: int
+    to_render: int
+    bad_rows: tuple[Any, ...]
+
+    def line(self) -> str:
+        return (
+            f"dry run: {self.planned} images planned: {self.to_render} to render, {self.done} already "
+            f"done, {self.copies} to copy, {len(self.bad_rows)} bad rows"
+        )
+
+
+def preview(job: RenderJob) -> Preview:
+    """Plan the render and compare it with OUT_DIR, writing nothing (no seeds stored, no ledger
+    created or repaired). Raises what :func:`render` raises for an unusable jobs file or engine."""
+    out_dir = job.settings.out_dir
+    identity = EngineIdentity.of(read_manifest(job.settings.engine_dir), job.settings.backend)
+    present = out_dir.is_dir()
+    plan = plan_jobs(job.jobs, job.matrix, identity, read_seeds(out_dir) if present else {})
+    done = copies = 0
+    todo = list(plan.items)
+    if present:
+        with Ledger(out_dir, writable=False) as ledger:
+            done = sum(ledger.done(item) for item in plan.items)
+            rest = [item for item in plan.items if not ledger.done(item)]
+            todo = [i for i in rest if ledger.source_of(i) is None and png_key(out_dir / i.file) != i.key]
+            copies = len(rest) - len(todo)
+    first, repeats = split_repeats(todo)
+    copies += sum(len(items) for items in repeats.values())
+    return Preview(len(plan.items), done, copies, len(first), plan.errors)
+
+
 def _plan(job: RenderJob) -> Plan:
     """The work items, with the random seeds stored before any image uses them."""
     out_dir = job.settings.out_dir

@@ -91,9 +91,15 @@ def _render_alone(pipe: Any, pair: tuple[WorkItem, Any], out_dir: Path) -> dict[
 
 
 def _request(item: WorkItem) -> Any:
+    """The item's GenerationRequest; RequestError (one line) when its JSON is not a valid request."""
+    from engine.errors import RequestError
     from engine.pipeline.request import GenerationRequest
 
-    return GenerationRequest.from_json(json.loads(item.request))
+    try:
+        data = json.loads(item.request)
+    except ValueError as error:
+        raise RequestError(f"the item's request is not valid JSON: {error}") from None
+    return GenerationRequest.from_json(data)
 
 
 def _render(pipe: Any, pairs: Sequence[tuple[WorkItem, Any]], out_dir: Path) -> dict[str, ItemResult]:

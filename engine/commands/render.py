@@ -4,6 +4,7 @@ processes or Ray."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from engine.runtime import BackendName, backend_names
 
 DEFAULT_WORKERS = 1
 MAX_WORKERS = 64
+DRY_RUN_ERRORS = 10  # bad rows a dry run prints
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -35,6 +37,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         max_tries=args.max_tries,
     )
     job = RenderJob(args.jobs, settings, matrix(args), args.batch, args.fail_fast, not args.no_review)
+    if args.ray is not None and not args.verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines
+    if args.dry_run:
+        return dry_run(job)
     with RichProgress() as progress:
         summary = render(job, progress)
     print(summary.line(), flush=True)
@@ -43,6 +49,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     if not summary.ok:
         say(f"errors: {args.out_dir / 'errors.jsonl'}")
     return 0 if summary.ok else EXIT_USER_ERROR
+
+
+def dry_run(job: Any) -> int:
+    """Print what the render would do; exit 1 when it would report bad rows (or refuse, --fail-fast)."""
+    from engine.batch.render import preview
+
+    plan = preview(job)
+    print(plan.line(), flush=True)
+    for error in plan.bad_rows[:DRY_RUN_ERRORS]:
+        say(f"line {error.line}: {error.error}")
+    if len(plan.bad_rows) > DRY_RUN_ERRORS:
+        say(f"... and {len(plan.bad_rows) - DRY_RUN_ERRORS} more bad rows")
+    return EXIT_USER_ERROR if plan.bad_rows else 0
 
 
 def matrix(args: argparse.Namespace) -> Any:
@@ -169,4 +188,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--max-tries", type=int, default=3, help="runs per image before a crashing one is given up"
     )
     cmd.add_argument("--no-review", action="store_true", help="skip the contact sheets and index.html")
+    cmd.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan and compare with OUT_DIR, write nothing: images to render, done, bad rows (exit 1 if any)",
+    )
     cmd.set_defaults(run=cmd_render)

@@ -253,3 +253,21 @@ def test_kill_9_at_random_points_then_resume(
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".render.lock"]
     check_images(out, rows, pipe)
+
+
+def test_dry_run_counts_and_writes_nothing(
+    tmp_path: Path, tiny_engine: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", ROWS[:1])
+    out = tmp_path / "out"
+    assert run_render(jobs, tmp_path / "none", tiny_engine, "--dry-run") == 0
+    assert not (tmp_path / "none").exists()
+    assert run_render(jobs, out, tiny_engine) == 0
+    write_jobs(jobs, [*ROWS, ROWS[0] | {"id": "again"}, "{bad"])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    capsys.readouterr()
+    assert run_render(jobs, out, tiny_engine, "--dry-run") == 1
+    captured = capsys.readouterr()
+    assert "6 images planned: 4 to render, 1 already done, 1 to copy, 1 bad rows" in captured.out
+    assert "line 6:" in captured.err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
