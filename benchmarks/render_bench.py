@@ -62,6 +62,7 @@ from engine.bench.machine import (  # noqa: E402
     software_info,
 )
 from engine.bench.prompts import BUILTIN_PROMPTS  # noqa: E402
+from engine.bench.writers import write_json_and_table  # noqa: E402
 
 CHILD = "_diffusers_child"  # argv[1] that makes this script the diffusers loop (run as a subprocess)
 PROGRESS_NAME = "progress.jsonl"  # the diffusers loop's line per saved PNG (sd-engine: results.jsonl)
@@ -502,10 +503,7 @@ def new_report(args: argparse.Namespace, workload: Workload, label: str) -> dict
 def write_report(report: dict[str, Any], out: Path) -> str:
     """OUT.json (everything) and OUT.md (the table); the table."""
     table = render_markdown(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.parent / f"{out.name}.json", out.parent / f"{out.name}.md"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    md_path.write_text(table, encoding="utf-8")
+    json_path, md_path = write_json_and_table(report, table, out)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return table
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import signal
@@ -48,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from engine.bench.machine import load_average, machine_info, machine_kind, software_info  # noqa: E402
 from engine.bench.prompts import BUILTIN_PROMPTS  # noqa: E402
+from engine.bench.writers import write_json_and_table  # noqa: E402
 
 API = "a1111_txt2img"  # the server's label for /sdapi/v1/txt2img in its request counters
 ROUTE = "/sdapi/v1/txt2img"
@@ -526,10 +526,7 @@ def new_report(args: argparse.Namespace, workload: Workload, label: str) -> dict
 def write_report(report: dict[str, Any], out: Path) -> str:
     """OUT.json (everything) and OUT.md (the table); the table."""
     table = render_markdown(report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.parent / f"{out.name}.json", out.parent / f"{out.name}.md"
-    json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    md_path.write_text(table, encoding="utf-8")
+    json_path, md_path = write_json_and_table(report, table, out)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     return table
 

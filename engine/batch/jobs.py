@@ -21,7 +21,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -350,14 +350,13 @@ def _check_side(name: str, side: int, factor: int) -> None:
 
 def _check_labels(rows: Sequence[_Row]) -> None:
     """Two rows with the same label would write the same files: refuse up front."""
-    seen: dict[str, _Row] = {}
-    for row in rows:
-        first = seen.setdefault(row.label, row)
-        if first is not row:
-            raise EngineError(
-                f"rows on lines {first.line} and {row.line} both get the file label {row.label!r} "
-                f"({_label_source(first)} and {_label_source(row)}): give them distinct ids"
-            )
+    clash = _first_clash(rows, lambda row: row.label)
+    if clash:
+        first, row = clash
+        raise EngineError(
+            f"rows on lines {first.line} and {row.line} both get the file label {row.label!r} "
+            f"({_label_source(first)} and {_label_source(row)}): give them distinct ids"
+        )
 
 
 def _label_source(row: _Row) -> str:
@@ -366,14 +365,23 @@ def _label_source(row: _Row) -> str:
 
 def _check_files(items: Sequence[WorkItem]) -> None:
     """A safety net: labels, image indexes and slugs could still spell one name two ways."""
-    seen: dict[str, WorkItem] = {}
-    for item in items:
-        first = seen.setdefault(item.file, item)
-        if first is not item:
-            raise EngineError(
-                f"rows on lines {first.line} and {item.line} both name an image {item.file!r}: "
-                "give them distinct ids"
-            )
+    clash = _first_clash(items, lambda item: item.file)
+    if clash:
+        first, item = clash
+        raise EngineError(
+            f"rows on lines {first.line} and {item.line} both name an image {item.file!r}: "
+            "give them distinct ids"
+        )
+
+
+def _first_clash(things: Sequence[Any], name: Callable[[Any], str]) -> tuple[Any, Any] | None:
+    """The first two of ``things`` with the same name, in order; None when every name is unique."""
+    seen: dict[str, Any] = {}
+    for thing in things:
+        first = seen.setdefault(name(thing), thing)
+        if first is not thing:
+            return first, thing
+    return None
 
 
 def _check_matrix(matrix: Matrix, identity: EngineIdentity) -> None:

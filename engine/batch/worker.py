@@ -74,7 +74,7 @@ def render_items(pipe: Any, items: Sequence[WorkItem], out_dir: Path) -> list[It
     if len(requests) > 1:
         try:
             results.update(_render(pipe, requests, out_dir))
-        except EngineError:  # find the bad item: each alone
+        except (EngineError, OSError):  # find the bad item: each alone
             for pair in requests:
                 results.update(_render_alone(pipe, pair, out_dir))
     elif requests:
@@ -86,7 +86,7 @@ def _render_alone(pipe: Any, pair: tuple[WorkItem, Any], out_dir: Path) -> dict[
     item = pair[0]
     try:
         return _render(pipe, [pair], out_dir)
-    except EngineError as error:
+    except (EngineError, OSError) as error:  # a bad setting, a non-finite output, a file it cannot write
         return {item.key: ItemResult(item.key, item.file, error=_one_line(error))}
 
 

@@ -42,6 +42,14 @@ def write_json(report: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def write_json_and_table(report: Mapping[str, Any], table: str, out: Path) -> tuple[Path, Path]:
+    """OUT.json (the whole report) and OUT.md (its table), for the scripts in benchmarks/."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md_path = out.parent / f"{out.name}.md"
+    md_path.write_text(table, encoding="utf-8")
+    return write_json(report, out.parent / f"{out.name}.json"), md_path
+
+
 def write_partial(report: Mapping[str, Any], path: Path) -> Path:
     """The report so far as JSON, written atomically (``engine.fsutil.write_atomic``): a run killed
     while writing it leaves the previous version whole, never half a file."""

@@ -238,3 +238,21 @@ def test_actor_resources_fit_the_cluster(
 ) -> None:
     plan = plan_resources(nodes, gpus, workers)
     assert (plan.workers, plan.num_cpus, plan.num_gpus, plan.threads) == expected
+
+
+def test_render_on_ray_writes_the_same_files_as_worker_processes_and_resumes(
+    ray_address: str, tiny_engine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.batch.helpers import ROWS, ledger, pixels, pngs, run_render, write_jobs
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", ROWS)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert run_render(jobs, local, tiny_engine) == 0
+    assert run_render(jobs, on_ray, tiny_engine, "--ray", ray_address, "--workers", "2", "--batch", "2") == 0
+    assert pngs(on_ray) == pngs(local)
+    for name in pngs(local):
+        np.testing.assert_array_equal(pixels(on_ray / name), pixels(local / name), err_msg=name)
+    assert sorted(e["file"] for e in ledger(on_ray)) == pngs(local)
+    capsys.readouterr()
+    assert run_render(jobs, on_ray, tiny_engine, "--ray", ray_address, "--workers", "2") == 0
+    assert " 0 rendered" in capsys.readouterr().out

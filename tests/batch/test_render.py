@@ -18,53 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.batch.ledger import ERRORS_NAME, LEDGER_NAME, SEEDS_NAME
+from engine.batch.ledger import SEEDS_NAME
 from engine.batch.local import LocalRunner, worker_main
 from engine.batch.render import RenderJob, render
 from engine.batch.runner import RenderSettings
-from engine.cli import main
 from engine.infotext import PNG_KEY, parse_infotext
 from engine.pipeline import Pipeline
-
-SIZE = {"width": 64, "height": 64, "steps": 2}
-ROWS = [
-    {"prompt": "a red cube", "seed": 11, **SIZE},
-    {"prompt": "a blue sphere", "negative_prompt": "blurry", "seed": 5, "n": 2, **SIZE},
-    {"prompt": "a green cone", "seed": 7, "sampler": "DDIM", "guidance_scale": 5.0, **SIZE},
-    {"prompt": 'it\'s a "quoted" prompt', "seed": 3, **SIZE},
-]
-IMAGES = 5  # ROWS' images
+from tests.batch.helpers import IMAGES, ROWS, SIZE, errors, ledger, pixels, pngs, run_render, write_jobs
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_engine: Path) -> Pipeline:
     return Pipeline.load(tiny_engine)
-
-
-def write_jobs(path: Path, rows: list[Any]) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return path
-
-
-def run_render(jobs: Path, out: Path, engine: Path, *flags: str) -> int:
-    return main(["render", str(jobs), str(out), "--engine", str(engine), *flags])
-
-
-def ledger(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / LEDGER_NAME).read_text().splitlines()]
-
-
-def errors(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / ERRORS_NAME).read_text().splitlines()]
-
-
-def pngs(out: Path) -> list[str]:
-    return sorted(p.name for p in out.glob("*.png") if not p.name.startswith("contact-sheet"))
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def reference(pipe: Pipeline, row: dict[str, Any], seed: int) -> np.ndarray:

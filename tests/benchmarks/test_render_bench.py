@@ -7,7 +7,6 @@ own tests (tests/batch), and starting Ray costs more CI time than this whole fil
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "render_bench.py"
@@ -37,6 +38,32 @@ def render_bench(*args: str) -> tuple[subprocess.CompletedProcess[str], dict[str
     return process, json.loads(json_path.read_text()) if json_path.is_file() else None
 
 
+def test_sd_engine_batching_on_and_off(tiny_engine: Path, tmp_path: Path) -> None:
+    out = tmp_path / "render"
+    process, report = render_bench(
+        str(tiny_engine), *TINY, "--modes", "one", "--batching", "on,off", "--out", str(out)
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert report is not None
+    rows = {(r["mode"], r["batching"]): r for r in report["rows"]}
+    assert list(rows) == [("one", "on"), ("one", "off")]
+    for row in rows.values():
+        assert row["failed"] == [] and row["rounds"] == 1
+        assert row["images_per_min"] > 0 and 0 < row["first_image_s"] <= row["wall_s"]
+    assert rows["one", "on"]["steady_images_per_min"] is None  # 4 images are one batch of 4
+    assert rows["one", "off"]["steady_images_per_min"] > 0  # 3 images after the first
+    assert rows["one", "on"]["command"] == "sd-engine render --workers 1 --batch 4 --no-review"
+    for run in report["runs"]:
+        assert run["pngs"] == 4 and run["exit_code"] == 0 and len(run["arrivals_s"]) == 4
+        assert run["summary"].startswith("4 images planned: 4 rendered")
+    assert report["machine"]["physical_cores"] >= 1 and report["load_average_end"] is not None
+    table = (tmp_path / "render.md").read_text()
+    assert table in process.stdout
+    assert "| one | on | sd-engine render --workers 1 --batch 4 --no-review |" in table
+    assert "FAILED" not in table
+
+
+@pytest.mark.slow  # two cold diffusers processes: 16 s of CI time; the sd-engine modes run above
 def test_sd_engine_and_diffusers_side_by_side(tiny_engine: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "render"
     process, report = render_bench(
@@ -89,12 +116,7 @@ def test_a_failed_mode_is_a_failed_row_and_exit_1(tiny_engine: Path, tmp_path: P
 @pytest.fixture(scope="module")
 def render_bench_module() -> ModuleType:
     """The script as a module, for its argument checks in this process (nothing is rendered)."""
-    spec = importlib.util.spec_from_file_location("render_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.mark.parametrize(

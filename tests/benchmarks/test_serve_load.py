@@ -8,7 +8,6 @@ SIGTERM ending each server with exit code 0.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.benchmarks import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "serve_load.py"
@@ -97,12 +98,7 @@ def test_a_full_queue_shows_as_rejections_and_still_balances(tiny_engine: Path, 
 @pytest.fixture(scope="module")
 def serve_load_module() -> ModuleType:
     """The script as a module, for its argument checks in this process (no server starts)."""
-    spec = importlib.util.spec_from_file_location("serve_load", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.mark.parametrize(
