@@ -323,6 +323,30 @@ def test_default_engine_build_is_clear_about_missing_torch(tmp_path: Path) -> No
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_built_default_engine_is_reused_and_used_by_the_cli(
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_engine: Path
+) -> None:
+    """The CI tier: the session's tiny engine is what the build makes (the tiny preset, seed 0, default
+    export settings), placed where the build puts it; the build itself runs in the slow tier below."""
+    from engine.commands.default_engine import DEFAULT_SEED, default_engine_dir, ensure_default_engine
+
+    assert DEFAULT_SEED == 0  # tiny_engine's seed
+    monkeypatch.setenv("SD_ENGINE_HOME", str(tmp_path / "home"))
+    shutil.copytree(tiny_engine, default_engine_dir())
+    stamp = (default_engine_dir() / "manifest.json").stat().st_mtime_ns
+    messages: list[str] = []
+    assert ensure_default_engine(progress=messages.append) == default_engine_dir()
+    assert messages == []  # reused: no build, no progress
+    out = tmp_path / "default.png"
+    code, stdout, err = _generate(capsys, "a tiny prompt", "--steps", "2", "--seed", "5", "-o", str(out))
+    assert code == 0, err
+    assert stdout.startswith(f"{out}  seed 5  ")
+    info = _infotext(out)
+    assert (info["Size"], info["Model"], info["Prompt"]) == ("64x64", "tiny", "a tiny prompt")
+    assert (default_engine_dir() / "manifest.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow  # 80 s: a whole tiny export; the test above covers reuse and the CLI in the CI tier
 def test_default_engine_is_built_once_then_reused(
     capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
