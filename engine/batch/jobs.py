@@ -223,12 +223,13 @@ def plan_jobs(path: Path, matrix: Matrix, identity: EngineIdentity, stored_seeds
     items: list[WorkItem] = []
     errors: list[RowError] = []
     seeds: dict[str, int] = {}
+    names = seed_names(rows)
     for row in rows:
         if row.fields is None:
             errors.append(RowError(row.line, row.label, str(row.error)))
             continue
         try:
-            row_items, row_seeds = _row_items(row, matrix, identity, stored_seeds)
+            row_items, row_seeds = _row_items(row, names[row.index], matrix, identity, stored_seeds)
         except RequestError as error:
             errors.append(RowError(row.line, row.label, _one_line(error)))
             continue
@@ -238,13 +239,29 @@ def plan_jobs(path: Path, matrix: Matrix, identity: EngineIdentity, stored_seeds
     return Plan(tuple(items), tuple(errors), seeds)
 
 
+def seed_names(rows: Sequence[_Row]) -> dict[int, str]:
+    """Each row's name for its random seeds, by row index: ``id:<id>`` when it has one, else ``#k`` for
+    the k-th row (0-based) with the same fields. Not its position: inserting or removing other rows
+    must not draw new seeds (and re-render) the rows after them."""
+    names: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for row in rows:
+        if row.row_id is not None:
+            names[row.index] = f"id:{row.row_id}"
+            continue
+        content = canonical_json({k: v for k, v in (row.fields or {}).items() if k != "seed"})
+        names[row.index] = f"#{seen.get(content, 0)}"
+        seen[content] = seen.get(content, 0) + 1
+    return names
+
+
 def _row_items(
-    row: _Row, matrix: Matrix, identity: EngineIdentity, stored_seeds: Mapping[str, int]
+    row: _Row, seed_name: str, matrix: Matrix, identity: EngineIdentity, stored_seeds: Mapping[str, int]
 ) -> tuple[list[WorkItem], dict[str, int]]:
     """The row's items in image order and the random base seeds they use. Raises RequestError."""
     own = dict(row.fields or {})
     n = own.get("n", matrix.images if matrix.images is not None else 1)
-    bases, random_bases = _bases(row, own, matrix, n, stored_seeds)
+    bases, random_bases = _bases(seed_name, own, matrix, n, stored_seeds)
     settings = {
         "negative": own.get("negative_prompt", matrix.negative_prompt or ""),
         "guidance_rescale": own.get("guidance_rescale", _DEFAULTS["guidance_rescale"]),
@@ -309,7 +326,7 @@ def _sizes(own: Mapping[str, Any], matrix: Matrix) -> list[tuple[int, int]]:
 
 
 def _bases(
-    row: _Row, own: Mapping[str, Any], matrix: Matrix, n: int, stored: Mapping[str, int]
+    seed_name: str, own: Mapping[str, Any], matrix: Matrix, n: int, stored: Mapping[str, int]
 ) -> tuple[list[int], dict[str, int]]:
     """The base seed of each seed position and the random ones by row seed key. Raises RequestError."""
     if "seed" in own:
@@ -326,7 +343,7 @@ def _bases(
                 raise RequestError(f"seed must be -1 (random) or an integer in 0..{top}{span}, got {seed}")
             bases.append(seed)
             continue
-        key = row_seed_key(row.label, own, n, position)
+        key = row_seed_key(seed_name, own, n, position)
         base = stored.get(key)
         if not (isinstance(base, int) and not isinstance(base, bool) and 0 <= base <= top):
             base = secrets.randbelow(top + 1)
@@ -335,11 +352,12 @@ def _bases(
     return bases, random_bases
 
 
-def row_seed_key(label: str, own: Mapping[str, Any], n: int, position: int) -> str:
-    """Hex sha256 naming a random base seed: the row's label, its own fields but ``seed`` and ``id``
-    (normalized: canonical names and types), its images per seed and the seed axis position."""
+def row_seed_key(name: str, own: Mapping[str, Any], n: int, position: int) -> str:
+    """Hex sha256 naming a random base seed: the row's seed name (:func:`seed_names`), its own fields
+    but ``seed`` and ``id`` (normalized: canonical names and types), its images per seed and the seed
+    axis position."""
     content = {k: v for k, v in own.items() if k not in ("seed", "id")}
-    text = canonical_json({"row": label, "fields": content, "n": n, "seed_position": position})
+    text = canonical_json({"row": name, "fields": content, "n": n, "seed_position": position})
     return hashlib.sha256(text.encode()).hexdigest()
 
 

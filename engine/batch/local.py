@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import signal
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -146,7 +146,8 @@ class LocalRunner:
         process = self._context.Process(
             target=self.worker_target, args=(child, self.settings, self.threads_per_worker()), daemon=True
         )
-        process.start()
+        with _ctrl_c_held():
+            process.start()
         child.close()
         return _Worker(process, parent)
 
@@ -183,6 +184,19 @@ class LocalRunner:
         if worker.batch:
             log.warning("a render worker died (exit code %s) holding %d items", code, len(worker.batch))
         worker.batch = None
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """SIGINT blocked while a worker starts. The child inherits the blocked mask through exec, so a
+    Ctrl-C of the terminal's process group never prints a worker's KeyboardInterrupt traceback while
+    it imports (workers ignore SIGINT anyway); the driver gets a Ctrl-C that arrived meanwhile as soon
+    as the mask is restored, so none is lost."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _wait_any(workers: Sequence[_Worker]) -> None:

@@ -152,10 +152,9 @@ def preview(job: RenderJob) -> Preview:
     todo = list(plan.items)
     if present:
         with Ledger(out_dir, writable=False) as ledger:
-            done = sum(ledger.done(item) for item in plan.items)
-            rest = [item for item in plan.items if not ledger.done(item)]
-            todo = [i for i in rest if ledger.source_of(i) is None and png_key(out_dir / i.file) != i.key]
-            copies = len(rest) - len(todo)
+            rest = [i for i in plan.items if not ledger.done(i) and png_key(out_dir / i.file) != i.key]
+            todo = [item for item in rest if ledger.source_of(item) is None]
+            done, copies = len(plan.items) - len(rest), len(rest) - len(todo)
     first, repeats = split_repeats(todo)
     copies += sum(len(items) for items in repeats.values())
     return Preview(len(plan.items), done, copies, len(first), plan.errors)
@@ -247,12 +246,13 @@ class _Recorder:
 
 
 def sort_out(items: Sequence[WorkItem], ledger: Ledger, out_dir: Path) -> tuple[list[WorkItem], int, int]:
-    """(items to render, how many are done, how many were made by copying or adopting a finished PNG)."""
+    """(items to render, how many are done (a finished PNG a crash kept out of the ledger included), how
+    many were made by copying an equal finished PNG)."""
     todo, skipped, copied = [], 0, 0
     for item in items:
-        if ledger.done(item):
+        if ledger.done(item) or adopt(ledger, item, out_dir):
             skipped += 1
-        elif adopt(ledger, item, out_dir) or copy_from_ledger(ledger, item, out_dir):
+        elif copy_from_ledger(ledger, item, out_dir):
             copied += 1
         else:
             todo.append(item)

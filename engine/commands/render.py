@@ -26,6 +26,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= MAX_WORKERS:
         raise EngineError(f"--workers must be in 1..{MAX_WORKERS}, got {args.workers}")
+    if args.max_tries < 1:
+        raise EngineError(f"--max-tries must be at least 1, got {args.max_tries}")
     if not args.jobs.is_file():
         raise EngineError(f"jobs file not found: {args.jobs}")
     settings = RenderSettings(
@@ -111,13 +113,15 @@ class RichProgress:
         self.start = 0.0
 
     def __enter__(self) -> RichProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def __call__(self, total: int) -> Callable[[int, int], None]:
+        """Start the bar (only once rendering starts: an error before it is one line, nothing more)."""
+        self.progress.start()
         self.task = self.progress.add_task("render", total=total, rate="", failed="")
         return self.advance
 
@@ -164,12 +168,17 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         const="auto",
         default=None,
         metavar="ADDRESS",
-        help="on Ray: no ADDRESS starts or joins a local Ray; HOST:PORT joins a `ray start --head` cluster",
+        help="on Ray: no ADDRESS starts or joins a local Ray; HOST:PORT joins a `ray start --head` cluster "
+        "(put --ray after JOBS OUT_DIR, or write --ray=HOST:PORT)",
     )
     cmd.add_argument(
         "--batch", type=int, default=4, help="images per UNet batch (default 4; 1 turns batching off)"
     )
-    cmd.add_argument("--fail-fast", action="store_true", help="stop at the first bad row or failed image")
+    cmd.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="render nothing when a row is bad (all bad rows are listed); stop at the first failed image",
+    )
     cmd.add_argument("--seeds", metavar="LIST", help="seeds as a matrix axis: 1-4,7 (-1: random, recorded)")
     cmd.add_argument("--samplers", metavar="LIST", help='samplers as an axis: "Euler a,DDIM"')
     cmd.add_argument("--cfg", metavar="LIST", help="guidance scales as an axis: 5,7.5")

@@ -366,6 +366,16 @@ def test_random_seed_with_n_is_one_base_stored_and_reused(tmp_path: Path) -> Non
     assert fresh.seeds.keys() == first.seeds.keys() and fresh.seeds != first.seeds
 
 
+def test_random_seeds_survive_inserted_rows_and_equal_rows_differ(tmp_path: Path) -> None:
+    rows = [{"prompt": "a fox", "seed": -1}, {"prompt": "a fox", "seed": -1}, {"prompt": "fruit", "seed": -1}]
+    first = plan(write(tmp_path, "a.jsonl", jsonl(*rows)))
+    seeds = [item.settings["seed"] for item in first.items]
+    assert len(set(seeds)) == 3  # two equal rows still draw their own seeds
+    edited = plan(write(tmp_path, "b.jsonl", jsonl({"prompt": "new", "seed": 1}, *rows)), stored=first.seeds)
+    assert [item.settings["seed"] for item in edited.items[1:]] == seeds  # rows below keep their seeds
+    assert [item.key for item in edited.items[1:]] == [item.key for item in first.items]
+
+
 def test_random_seed_positions_and_range(tmp_path: Path) -> None:
     path = write(tmp_path, "a.txt", "x\n")
     result = plan(path, Matrix(sizes=((64, 64),), seeds=(-1, 5, -1), images=2, samplers=("Euler a", "DDIM")))
