@@ -110,16 +110,17 @@ def render(job: RenderJob, progress: Callable[[int], ProgressHook] | None = None
         remove_temporaries(out_dir)
         plan = _plan(job)
         errors = ErrorLog(out_dir, [error.to_json() for error in plan.errors])
-        try:
-            summary = RenderSummary(len(plan.items), bad_rows=len(plan.errors))
-            if job.fail_fast and plan.errors:
-                summary = replace(summary, stopped=True)
-            else:
-                summary = _render_plan(job, plan, errors, summary, progress)
-        finally:
-            errors.close()
-        if job.review:
-            write_review(out_dir, plan.items)
+        with Ledger(out_dir) as ledger:  # one ledger: each PNG is hashed at most once per run
+            try:
+                summary = RenderSummary(len(plan.items), bad_rows=len(plan.errors))
+                if job.fail_fast and plan.errors:
+                    summary = replace(summary, stopped=True)
+                else:
+                    summary = _render_plan(job, plan, ledger, errors, summary, progress)
+            finally:
+                errors.close()
+            if job.review:
+                write_review(ledger, plan.items)
     return summary
 
 
@@ -174,26 +175,26 @@ def _plan(job: RenderJob) -> Plan:
 def _render_plan(
     job: RenderJob,
     plan: Plan,
+    ledger: Ledger,
     errors: ErrorLog,
     summary: RenderSummary,
     progress: Callable[[int], ProgressHook] | None,
 ) -> RenderSummary:
     out_dir = job.settings.out_dir
-    with Ledger(out_dir) as ledger:
-        todo, skipped, copied = sort_out(plan.items, ledger, out_dir)
-        first, repeats = split_repeats(todo)
-        hook = progress(len(plan.items)) if progress else None
-        if hook:
-            hook(skipped + copied, 0)
-        recorder = _Recorder(ledger, errors, first, repeats, hook, job.fail_fast)
-        start = time.perf_counter()
-        stopped = False
-        if first:
-            try:
-                make_runner(job.settings).run(make_batches(first, job.batch), recorder)
-            except _FailFast:
-                stopped = True
-        seconds = time.perf_counter() - start
+    todo, skipped, copied = sort_out(plan.items, ledger, out_dir)
+    first, repeats = split_repeats(todo)
+    hook = progress(len(plan.items)) if progress else None
+    if hook:
+        hook(skipped + copied, 0)
+    recorder = _Recorder(ledger, errors, first, repeats, hook, job.fail_fast)
+    start = time.perf_counter()
+    stopped = False
+    if first:
+        try:
+            make_runner(job.settings).run(make_batches(first, job.batch), recorder)
+        except _FailFast:
+            stopped = True
+    seconds = time.perf_counter() - start
     return replace(
         summary,
         skipped=skipped,
@@ -343,12 +344,12 @@ def _item_error(item: WorkItem, error: str) -> dict[str, Any]:
     return {"line": item.line, "row": item.row, "image": item.image, "file": item.file, "error": error}
 
 
-def write_review(out_dir: Path, items: Sequence[WorkItem]) -> None:
-    """Contact sheets and index.html for every finished image of the plan (in plan order)."""
+def write_review(ledger: Ledger, items: Sequence[WorkItem]) -> None:
+    """Contact sheets and index.html in the ledger's folder for every finished image of the plan (in
+    plan order)."""
     from engine.batch.review import GalleryEntry, write_contact_sheets, write_gallery
 
-    with Ledger(out_dir) as ledger:
-        finished = [item for item in items if ledger.done(item)]
+    finished = [item for item in items if ledger.done(item)]
     entries = [GalleryEntry.from_request(i.file, i.row, i.image, i.settings) for i in finished]
-    write_contact_sheets(out_dir, entries)
-    write_gallery(out_dir, entries)
+    write_contact_sheets(ledger.out_dir, entries)
+    write_gallery(ledger.out_dir, entries)
