@@ -74,6 +74,7 @@ def _fields(params: Mapping[str, Any]) -> dict[str, Any]:
         "Denoising strength": params.get("strength"),
         "Clip skip": clip_skip if clip_skip > 1 else None,
         "Prediction type": "v_prediction" if params.get("prediction_type") == "v_prediction" else None,
+        "Lora hashes": params.get("lora_hashes") or None,
     }
 
 
@@ -84,7 +85,8 @@ def format_infotext(params: Mapping[str, Any]) -> str:
     sampler, guidance_scale, seed (this image's), width, height, and optionally model_hash,
     model_name, vae_hash and vae_name (a swapped VAE), batch_size, batch_pos (0-based, as A1111),
     strength (img2img only, else None), clip_skip (written only above 1) and prediction_type
-    (written only for "v_prediction": A1111 assumes epsilon where it is absent).
+    (written only for "v_prediction": A1111 assumes epsilon where it is absent), lora_hashes (A1111's
+    ``Lora hashes``: "name: first 12 hex of the file's addnet hash, ...", quoted).
     """
     pairs = ", ".join(f"{key}: {quote(value)}" for key, value in _fields(params).items() if value is not None)
     negative = params.get("negative_prompt") or ""
@@ -140,6 +142,7 @@ def to_parameters(fields: Mapping[str, str]) -> dict[str, Any]:
         "strength": float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
         "clip_skip": int(fields.get("Clip skip", 1)),
         "prediction_type": fields.get("Prediction type", "epsilon"),
+        "lora_hashes": fields.get("Lora hashes"),
     }
     size = _SIZE.match(fields.get("Size", ""))
     if size is None:

@@ -26,6 +26,44 @@ TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass(frozen=True)
+class WeightRef:
+    """Where an exported graph holds one torch weight (a Linear / Conv2d ``weight``), for LoRA patching.
+
+    initializer: the ONNX initializer's name; transposed: stored as the torch weight's transpose (MatMul
+    weights of Linear layers); file, offset: the file (relative to the engine folder) and byte offset of
+    its raw little-endian data; dtype: the stored dtype ("float32" / "float16"); shape: the torch layout,
+    (out, in) or (out, in, kh, kw).
+    """
+
+    initializer: str
+    transposed: bool
+    file: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
+
+    def to_json(self) -> list[Any]:
+        return [self.initializer, self.transposed, self.file, self.offset, self.dtype, list(self.shape)]
+
+    @staticmethod
+    def from_json(data: list[Any]) -> WeightRef:
+        initializer, transposed, file, offset, dtype, shape = data
+        return WeightRef(str(initializer), bool(transposed), str(file), int(offset), str(dtype), tuple(shape))
+
+
+def weights_to_json(weights: Mapping[str, WeightRef]) -> dict[str, list[Any]]:
+    return {target: ref.to_json() for target, ref in weights.items()}
+
+
+def weights_from_json(data: Mapping[str, Any] | None) -> dict[str, WeightRef]:
+    return {str(target): WeightRef.from_json(ref) for target, ref in (data or {}).items()}
+
+
+@dataclass(frozen=True)
 class Variant:
     """A rewrite of a graph for one runtime (same interface, same weights file), parity-gated itself."""
 
@@ -33,6 +71,7 @@ class Variant:
     sha256: str
     rewrite: str  # what changed, e.g. "32 attentions -> com.microsoft.MultiHeadAttention"
     parity: Mapping[str, Any] = field(default_factory=dict)
+    weights: Mapping[str, WeightRef] = field(default_factory=dict)  # LoRA targets, see GraphEntry
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,12 +79,17 @@ class Variant:
             "sha256": self.sha256,
             "rewrite": self.rewrite,
             "parity": dict(self.parity),
+            "weights": weights_to_json(self.weights),
         }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Variant:
         return Variant(
-            str(data["file"]), str(data["sha256"]), str(data["rewrite"]), dict(data.get("parity", {}))
+            str(data["file"]),
+            str(data["sha256"]),
+            str(data["rewrite"]),
+            dict(data.get("parity", {})),
+            weights_from_json(data.get("weights")),
         )
 
 
@@ -57,6 +101,9 @@ class GraphEntry:
     ONNX: see :attr:`has_onnx`), which then has no external data, variant or parity either.
     onnxruntime: the graph ONNX Runtime runs instead of ``file`` when present (attention fused into
     its contrib op, which TensorRT cannot parse: TensorRT builds from ``file``).
+    weights: LoRA targets ("unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", ...) ->
+    where ``file`` holds them (see :class:`WeightRef`); empty for networks LoRA does not touch and for
+    folders exported before LoRA support.
     """
 
     file: str | None
@@ -67,6 +114,7 @@ class GraphEntry:
     parity: Mapping[str, Any] = field(default_factory=dict)
     exporter: Mapping[str, str] = field(default_factory=dict)
     onnxruntime: Variant | None = None
+    weights: Mapping[str, WeightRef] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.file is None and (self.sha256 or self.external_data or self.onnxruntime):
@@ -91,6 +139,7 @@ class GraphEntry:
             "parity": dict(self.parity),
             "exporter": dict(self.exporter),
             "onnxruntime": self.onnxruntime.to_json() if self.onnxruntime else None,
+            "weights": weights_to_json(self.weights),
         }
 
     @staticmethod
@@ -104,6 +153,7 @@ class GraphEntry:
             parity=dict(data.get("parity", {})),
             exporter=dict(data.get("exporter", {})),
             onnxruntime=Variant.from_json(data["onnxruntime"]) if data.get("onnxruntime") else None,
+            weights=weights_from_json(data.get("weights")),
         )
 
 

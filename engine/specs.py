@@ -265,3 +265,22 @@ def _check_tensor(network: Network, tensor: TensorSpec, value: np.ndarray, sizes
             raise ValueError(
                 f"{where} axis {axis} ({dim}) is {size} but another input has {dim}={sizes[dim]}"
             )
+
+
+# Components a LoRA can target, as the wrapper modules name their submodule.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def lora_target_name(parameter: str) -> str | None:
+    """``component:module`` of a wrapper parameter name ("unet.down_blocks.0...to_q.weight" ->
+    "unet:down_blocks.0...to_q"): how the manifest and LoRA matching name a patchable weight. None for
+    a parameter outside a LoRA-able component or not a ``weight``. Wrapper prefixes (the fp16 boundary's
+    ``inner.``, the guidance wrapper's nested ``unet.unet.``) and transformers 4's ``text_model.`` level
+    are dropped."""
+    parts = parameter.split(".")
+    found = [index for index, part in enumerate(parts[:-1]) if part in LORA_COMPONENTS]
+    if parts[-1] != "weight" or not found:
+        return None
+    last = found[-1]
+    module = [p for p in parts[last + 1 : -1] if p != "text_model"]
+    return f"{parts[last]}:{'.'.join(module)}"

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random-weight model folders and their exported engine folders, built once."""
+"""Shared fixtures: tiny random-weight model folders and their exported engine folders, built once.
+
+Engine exports that later tests need (``tiny_v_engine``, ...) are built in a background process while
+the tests before them run: see tests/prefetch.py."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import prefetch
+from tests.prefetch import prefetched
 
 # Data the tests read, vendored with its licence (tests/data/*/LICENSE): a clean clone runs every test.
 DATA = Path(__file__).resolve().parent / "data"
@@ -72,11 +78,34 @@ def tiny_v_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_random("tiny-v", tmp_path_factory.mktemp("models") / "tiny-v", seed=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_v_engine(tiny_v_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SD 2 style (v-prediction, "!" padding); no VAE encoder, to keep CI fast."""
+def build_tiny_v_engine(folder: Path) -> None:
+    """The tiny-v model (as ``tiny_v_model``: same preset and seed, so the same bytes) and its engine,
+    without the VAE encoder, to keep CI fast. Usually built in the background (tests/prefetch.py)."""
     from engine.export import ExportSettings, export_model
+    from engine.models.presets import init_random
     from engine.specs import Network
 
+    model = init_random("tiny-v", folder / "tiny-v", seed=1)
     settings = ExportSettings(networks=(Network.TEXT_ENCODER, Network.UNET, Network.VAE_DECODER))
-    return export_model(tiny_v_model, tmp_path_factory.mktemp("engines") / "tiny-v", settings).engine_dir
+    export_model(model, folder / "engine", settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_engine(tiny_v_model: Path, request: pytest.FixtureRequest) -> Path:
+    """SD 2 style (v-prediction, "!" padding), exported from a copy of ``tiny_v_model`` (checked: the
+    same A1111 hash); no VAE encoder."""
+    from engine.manifest import read_manifest
+    from engine.models.source import SourceOptions, open_model_source
+
+    engine = prefetched(request) / "engine"
+    exported_from = read_manifest(engine).source["sha256"]
+    assert exported_from == open_model_source(tiny_v_model, SourceOptions()).identity.sha256
+    return engine
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    prefetch.start(session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    prefetch.stop(session.config)

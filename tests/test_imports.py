@@ -31,6 +31,7 @@ BACKENDS = (
     "engine.backends.torch_cuda",
     "engine.backends.cuda_graph",
     "engine.backends.options",
+    "engine.backends.weights",
 )
 RUNTIME = (
     "engine",
@@ -44,11 +45,15 @@ RUNTIME = (
     "engine.models.folder",
     "engine.pipeline",
     "engine.pipeline.request",
+    "engine.pipeline.loras",
+    "engine.adapters",
     "engine.rng",
     "engine.service.app",  # the whole service but server.py (uvicorn only)
     "engine.specs",
     "engine.tensorrt.plans",
     "engine.text.conditioning",
+    "engine.text.chunks",
+    "engine.text.prompt",
     "engine.text.tokenizer",
 )
 # What a case does after the import, where using the module is what could load more.

@@ -31,6 +31,7 @@ def _params(**overrides: Any) -> dict[str, Any]:
         "strength": None,
         "clip_skip": 1,
         "prediction_type": "epsilon",
+        "lora_hashes": None,
     }
     params.update(overrides)
     return params
@@ -144,6 +145,10 @@ def test_last_line_with_fewer_than_three_pairs_is_prompt() -> None:
             "prediction_type": "v_prediction",
         },
         {"clip_skip": 12},
+        {
+            "prompt": "a fox <lora:paper.v1:0.8> <lora:[XL] b:-0.5:1>",
+            "lora_hashes": "paper.v1: 0123456789ab, [XL] b: ba9876543210",
+        },
     ],
 )
 def test_round_trip(overrides: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,10 +37,11 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from engine.backends.cuda_graph import ShapeKey, shape_key
 from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
+from engine.backends.weights import base_weight, patched_model_bytes, stored_initializers
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.hashing import graph_content_hash, json_digest
 from engine.machine import machine_fingerprint, physical_cores
-from engine.manifest import require_onnx
+from engine.manifest import WeightRef, require_onnx
 from engine.specs import GraphSpec, Network, check_inputs
 
 if TYPE_CHECKING:
@@ -136,6 +137,16 @@ class OrtOptions:
     io_binding: Switch = Switch.AUTO
     cuda_graph: Switch = Switch.AUTO
     fused_attention: bool = True
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replacement weights for one session: ``model``, the graph file's bytes with inline initializers
+    overwritten (None: load the file itself), and ``external``, OrtValues for initializers the graph keeps
+    in external data (ONNX Runtime reads them instead of the data file)."""
+
+    model: bytes | None = None
+    external: Mapping[str, ort.OrtValue] = field(default_factory=dict)
 
 
 def available_providers() -> list[str]:
@@ -311,6 +322,7 @@ class OrtGraph:
         self.cache_hit = cache_hit
         self.runner = runner
         self.constants: dict[str, np.ndarray] = {}
+        self.keep_alive: object = None  # what the session reads from but does not own (a Patch)
         self._session = session
 
     def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
@@ -452,8 +464,13 @@ class OnnxRuntimeBackend:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _session(
-        self, path: Path, level: ort.GraphOptimizationLevel, save_to: Path | None = None
+        self,
+        path: Path,
+        level: ort.GraphOptimizationLevel,
+        save_to: Path | None = None,
+        patch: Patch | None = None,
     ) -> ort.InferenceSession:
+        """A session on ``path`` (with ``patch``: its patched bytes and external initializers instead)."""
         options = _session_options(self.threads, level)
         if save_to is not None:
             options.optimized_model_filepath = str(save_to / CACHED_MODEL)
@@ -464,14 +481,27 @@ class OnnxRuntimeBackend:
                 "session.optimized_model_external_initializers_min_size_in_bytes",
                 str(self.options.external_min_bytes),
             )
+        source: str | bytes = str(path)
+        if patch is not None:
+            if patch.external:
+                options.add_external_initializers(list(patch.external), list(patch.external.values()))
+            source = patch.model if patch.model is not None else source
         providers: list[str | tuple[str, dict[str, str]]] = [Provider.CPU.value]
         if self.provider is Provider.CUDA:
             # Nodes the GPU provider lacks fall back to the CPU (with a CUDA graph, only shape nodes may).
             providers.insert(0, (Provider.CUDA.value, self._cuda_options()))
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            return ort.InferenceSession(source, options, providers=providers)
         except _ORT_ERRORS as error:
             raise _load_error(path, error, self.cuda_graph) from error
+
+    def load_patched(self, network_file: Path, spec: GraphSpec, patch: Patch) -> OrtGraph:
+        """A graph with some initializers replaced (LoRA), optimized afresh and never cached on disk:
+        the optimized-graph cache keeps holding the exported weights only."""
+        session = self._session(Path(network_file), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patch)
+        graph = self._graph(session, spec, Path(network_file), cache_hit=False)
+        graph.keep_alive = patch  # ONNX Runtime reads external initializers from these OrtValues
+        return graph
 
     def _cuda_options(self) -> dict[str, str]:
         """CUDA provider options: the device, and ONNX Runtime's CUDA graph when asked for."""
@@ -503,23 +533,65 @@ def _check_device_options(provider: Provider, io_binding: bool, cuda_graph: bool
         raise EngineError("cuda_graph needs io_binding: a CUDA graph replays fixed input and output memory")
 
 
-def open_engine(
-    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
-) -> Callable[[Network], OrtGraph]:
+def open_engine(engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]) -> OrtEngine:
     """A loader of the engine folder's graphs (options: see :class:`OrtOptions`); the attention-fused
     variant where the folder has one, optimized graphs cached under ``ENGINE_DIR/.cache/onnxruntime``.
     A folder exported ``--torch-only`` has no graphs to load: one-line EngineFolderError."""
     require_onnx(engine_dir, manifest, "the onnxruntime backend")
     backend = OnnxRuntimeBackend(parse_backend_options(OrtOptions, options, "onnxruntime"))
-    cache_dir = Path(engine_dir) / ".cache" / "onnxruntime"
+    return OrtEngine(Path(engine_dir), manifest, backend)
 
-    def load(network: Network) -> OrtGraph:
-        entry = manifest.graphs[network]
-        chosen = entry.onnxruntime if entry.onnxruntime and backend.options.fused_attention else entry
-        path = Path(engine_dir) / chosen.file
-        return backend.load(path, entry.spec, cache_dir=cache_dir, content_hash=chosen.sha256)
 
-    return load
+class OrtEngine:
+    """Loads an engine folder's graphs on one :class:`OnnxRuntimeBackend`; patchable (see
+    :class:`engine.backends.weights.Patchable`): a patched graph is a new session beside the base one."""
+
+    in_place = False
+
+    def __init__(self, engine_dir: Path, manifest: Manifest, backend: OnnxRuntimeBackend) -> None:
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.cache_dir = engine_dir / ".cache" / "onnxruntime"
+
+    def _chosen(self, network: Network) -> tuple[str, str | None, Mapping[str, WeightRef]]:
+        """(file, content hash, weight map) of the graph this backend runs for a network."""
+        entry = self.manifest.graphs[network]
+        variant = entry.onnxruntime if entry.onnxruntime and self.backend.options.fused_attention else None
+        if variant is not None:
+            return variant.file, variant.sha256, variant.weights
+        return str(entry.file), entry.sha256, entry.weights
+
+    def __call__(self, network: Network) -> OrtGraph:
+        file, digest, _ = self._chosen(network)
+        spec = self.manifest.graphs[network].spec
+        return self.backend.load(self.engine_dir / file, spec, cache_dir=self.cache_dir, content_hash=digest)
+
+    def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
+        return {target: ref.shape for target, ref in self._chosen(network)[2].items()}
+
+    def base_weight(self, network: Network, target: str) -> np.ndarray:
+        return base_weight(self.engine_dir, self._chosen(network)[2][target])
+
+    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> OrtGraph:
+        if not weights:
+            return self(network)
+        file, _, refs = self._chosen(network)
+        values = stored_initializers(refs, weights)
+        used = {ref.initializer: ref for target, ref in refs.items() if target in weights}
+        inline = {name: ref for name, ref in used.items() if ref.file == file}
+        external = {
+            name: ort.OrtValue.ortvalue_from_numpy(values[name]) for name in used if name not in inline
+        }
+        path = self.engine_dir / file
+        model = patched_model_bytes(path, inline, values) if inline else None
+        if model is not None and self.manifest.graphs[network].external_data:
+            raise EngineFolderError(
+                f"{path}: LoRA weights stored inline in a graph with external data cannot be patched; "
+                "re-export the model"
+            )
+        spec = self.manifest.graphs[network].spec
+        return self.backend.load_patched(path, spec, Patch(model, external))
 
 
 def _load_error(path: Path, error: Exception, cuda_graph: bool) -> EngineError:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
+from engine.backends.weights import base_weight, stored_initializers
 from engine.errors import BuildError, EngineError, EngineFolderError
 from engine.manifest import Manifest, require_onnx
 from engine.runtime import Graph
@@ -401,6 +402,28 @@ class TrtGraph:
         """Device time of every timed run (TrtOptions.timing), all profiles."""
         return [ms for runner in self._runners.values() for ms in runner.ops.device_ms]
 
+    def refit(self, values: Mapping[str, np.ndarray]) -> None:
+        """Replace weights by ONNX initializer name (TensorRT's Refitter, plans built with REFIT) and drop
+        the captured CUDA graphs and contexts' buffers, which recorded the old launches."""
+        trt = self._trt
+        if not getattr(self._engine, "refittable", False):
+            raise EngineError(
+                f"{self.plan.name} is not refittable, so LoRAs cannot be applied; rebuild the plans with "
+                "`sd-engine build ENGINE_DIR --refit`"
+            )
+        refitter = trt.Refitter(self._engine, trt_logger(trt))
+        kept = [np.ascontiguousarray(value) for value in values.values()]  # alive until the refit ends
+        for name, value in zip(values, kept, strict=True):
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise EngineError(f"TensorRT has no refittable weight {name} in {self.plan.name}")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(
+                f"TensorRT could not refit {self.plan.name} (missing weights: "
+                f"{list(refitter.get_missing_weights())[:5]})"
+            )
+        for runner in self._runners.values():
+            runner.invalidate()  # the buffers stay; the next run captures a graph of the new weights
+
     def close(self) -> None:
         """Free graphs, buffers, contexts and the stream (the plan's engine goes with the object)."""
         for runner in self._runners.values():
@@ -413,37 +436,70 @@ class TrtGraph:
             self._stream = None
 
 
-def open_engine(
-    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
-) -> Callable[[Network], Graph]:
+def open_engine(engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]) -> TrtEngine:
     """A loader of the engine folder's TensorRT plans (options: see :class:`TrtOptions`)."""
     require_onnx(engine_dir, manifest, "the tensorrt backend")
     opts = parse_backend_options(TrtOptions, options, "tensorrt")
-    trt, cudart, gpu = check_environment(opts.device.index)
-    root = Path(engine_dir)
-    index = read_plan_index(root)
-    runtime = trt.Runtime(trt_logger(trt))
+    return TrtEngine(Path(engine_dir), manifest, opts)
 
-    def load_plan(network: Network, file: str) -> TrtGraph:
-        entry = manifest.graphs[network]
-        path = root / PLAN_DIR / file
-        engine = runtime.deserialize_cuda_engine(read_plan(path, entry.sha256, trt.__version__, gpu))
+
+class TrtEngine:
+    """Loads an engine folder's plans; patchable in place (see :class:`engine.backends.weights.Patchable`):
+    LoRA weights are refitted by ONNX initializer name into plans built with ``sd-engine build --refit``,
+    and the refitted graph's captured CUDA graphs are dropped (they are captured again on the next run)."""
+
+    in_place = True
+
+    def __init__(self, engine_dir: Path, manifest: Manifest, options: TrtOptions) -> None:
+        self.trt, self.cudart, self.gpu = check_environment(options.device.index)
+        self.root, self.manifest, self.options = engine_dir, manifest, options
+        self.index = read_plan_index(engine_dir)
+        self.runtime = self.trt.Runtime(trt_logger(self.trt))
+        self._loaded: dict[Network, list[TrtGraph]] = {}
+        self._patched: dict[Network, set[str]] = {}
+
+    def _load_plan(self, network: Network, file: str) -> TrtGraph:
+        entry = self.manifest.graphs[network]
+        path = self.root / PLAN_DIR / file
+        engine = self.runtime.deserialize_cuda_engine(
+            read_plan(path, entry.sha256, self.trt.__version__, self.gpu)
+        )
         if engine is None:
             raise EngineFolderError(
-                f"TensorRT cannot deserialize {path}; rebuild with `sd-engine build {root}`"
+                f"TensorRT cannot deserialize {path}; rebuild with `sd-engine build {self.root}`"
             )
-        return TrtGraph(trt, cudart, engine, entry.spec, path, opts)
+        graph = TrtGraph(self.trt, self.cudart, engine, entry.spec, path, self.options)
+        self._loaded.setdefault(network, []).append(graph)
+        return graph
 
-    def load(network: Network) -> Graph:
-        plans = index.get(network.value)
+    def __call__(self, network: Network) -> Graph:
+        plans = self.index.get(network.value)
         if not plans or not plans.get("plan"):
             raise EngineFolderError(
-                f"no TensorRT plan for {network.value} in {root / PLAN_DIR}; build it with "
-                f"`sd-engine build {root} --networks {network.value}`"
+                f"no TensorRT plan for {network.value} in {self.root / PLAN_DIR}; build it with "
+                f"`sd-engine build {self.root} --networks {network.value}`"
             )
-        primary = load_plan(network, str(plans["plan"]))
+        primary = self._load_plan(network, str(plans["plan"]))
         if plans.get("fallback"):
-            return GuardedGraph(primary, load_plan(network, str(plans["fallback"])))
+            return GuardedGraph(primary, self._load_plan(network, str(plans["fallback"])))
         return primary
 
-    return load
+    def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
+        return {target: ref.shape for target, ref in self.manifest.graphs[network].weights.items()}
+
+    def base_weight(self, network: Network, target: str) -> np.ndarray:
+        return base_weight(self.root, self.manifest.graphs[network].weights[target])
+
+    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> Graph:
+        """Refit every loaded plan of the network: ``weights`` in, the exported values back for targets
+        patched before and left out now. EngineError when a plan is not refittable."""
+        refs = self.manifest.graphs[network].weights
+        restore = {
+            t: np.asarray(self.base_weight(network, t))
+            for t in self._patched.get(network, set()) - set(weights)
+        }
+        values = stored_initializers(refs, {**restore, **weights})
+        for graph in self._loaded.get(network, []):
+            graph.refit(values)
+        self._patched[network] = set(weights)
+        return self(network) if network not in self._loaded else self._loaded[network][-1]

@@ -151,6 +151,8 @@ class TorchBackend:
         self.specs = specs
         self.device = device
         self.compile_mode = compile_mode
+        self._lora_modules: dict[Network, dict[str, Any]] = {}
+        self._originals: dict[str, Any] = {}  # target -> exported weight (a torch tensor copy)
 
     @classmethod
     def from_manifest(
@@ -169,6 +171,44 @@ class TorchBackend:
         module = self.source.wrapper(network).to(self.device)
         mode = self.compile_mode if network in COMPILED_NETWORKS else None
         return TorchGraph(self.specs[network], module, self.device, mode)
+
+    __call__ = load
+
+    # -- LoRA (engine.backends.weights.Patchable): the source modules' weights change in place ------
+
+    in_place = True
+
+    def _modules(self, network: Network) -> dict[str, Any]:
+        if network not in self._lora_modules:
+            from engine.models.torch_modules import lora_modules
+
+            self._lora_modules[network] = lora_modules(self.source.wrapper(network))
+        return self._lora_modules[network]
+
+    def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
+        return {target: tuple(m.weight.shape) for target, m in self._modules(network).items()}
+
+    def base_weight(self, network: Network, target: str) -> np.ndarray:
+        weight = self._originals.get(target)
+        if weight is None:
+            weight = self._modules(network)[target].weight
+        return weight.detach().float().cpu().numpy()
+
+    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> TorchGraph:
+        """Write ``weights`` into the shared source modules (the unet and unet_cfg graphs share them) and
+        put back the exported weights of every target of this network they leave out; the originals are
+        kept as exact copies, so a return to no LoRA restores them bit for bit."""
+        torch = _import_torch()
+        modules = self._modules(network)
+        with torch.no_grad():
+            for target, module in modules.items():
+                if target in weights:
+                    self._originals.setdefault(target, module.weight.detach().clone())
+                    value = torch.from_numpy(np.ascontiguousarray(weights[target]))
+                    module.weight.copy_(value.to(module.weight.dtype))
+                elif target in self._originals:
+                    module.weight.copy_(self._originals.pop(target))
+        return self.load(network)
 
 
 @dataclass(frozen=True)
@@ -197,4 +237,4 @@ def open_engine(
             "use the torch-cuda backend for the GPU"
         )
     mode = opts.compile_mode if opts.compile else None
-    return TorchBackend.from_manifest(manifest, str(opts.device), mode).load
+    return TorchBackend.from_manifest(manifest, str(opts.device), mode)

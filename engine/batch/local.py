@@ -43,7 +43,9 @@ def worker_main(connection: Connection, settings: RenderSettings, threads: int |
 
     options: dict[str, Any] = {"threads": threads} if threads else {}
     try:
-        pipe = Pipeline.load(settings.engine_dir, backend=settings.backend, **options)
+        pipe = Pipeline.load(
+            settings.engine_dir, backend=settings.backend, lora_dir=settings.lora_dir, **options
+        )
     except EngineError as error:
         connection.send(("load_error", str(error)))
         return

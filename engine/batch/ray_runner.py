@@ -310,7 +310,11 @@ class RayRunner:
         workers = min(self.settings.workers, len(batches))  # an actor without a batch only loads a model
         plan = plan_resources(nodes, ray.cluster_resources().get("GPU", 0.0), workers)
         backend = str(getattr(self.settings.backend, "value", self.settings.backend))  # a BackendName too
-        options = {"threads": plan.threads} if plan.threads and backend in THREADED_BACKENDS else {}
+        options: dict[str, Any] = (
+            {"threads": plan.threads} if plan.threads and backend in THREADED_BACKENDS else {}
+        )
+        if self.settings.lora_dir is not None:
+            options["lora_dir"] = str(Path(self.settings.lora_dir).absolute())
         retries = max(1, self.settings.max_tries) - 1
         rows = [{"batch": json.dumps([item.to_json() for item in batch])} for batch in batches]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))

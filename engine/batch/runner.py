@@ -26,7 +26,8 @@ ResultCallback = Callable[[ItemResult], None]
 class RenderSettings:
     """How to render: the engine folder and backend each worker loads, where PNGs go, how many
     workers (processes or Ray actors), ``ray_address`` (None: no Ray; "auto"/"" : start or join a local
-    Ray; "HOST:PORT": a cluster from ``ray start --head``), and the tries per item."""
+    Ray; "HOST:PORT": a cluster from ``ray start --head``), the tries per item, and ``lora_dir``, where
+    prompts' ``<lora:NAME>`` tags find LoRA files (on every node)."""
 
     engine_dir: Path
     out_dir: Path
@@ -34,6 +35,7 @@ class RenderSettings:
     workers: int = 1
     ray_address: str | None = None
     max_tries: int = MAX_TRIES
+    lora_dir: Path | None = None
 
 
 class Runner(Protocol):

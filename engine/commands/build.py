@@ -21,6 +21,12 @@ from engine.tensorrt.builder import (
     build_engine,
 )
 from engine.tensorrt.profiles import ProfileKind, make_profiles
+from engine.text.chunks import MAX_CHUNKS
+
+# Text lengths the UNet plans cover: 2 chunks by default (150 prompt tokens, A1111-TRT's default); the
+# engine's prompt limit (engine.text.chunks.MAX_CHUNKS chunks of 77) at most.
+DEFAULT_MAX_TOKENS = 2 * 77
+MAX_TOKENS = MAX_CHUNKS * 77
 
 # --vae choices: fp16 means an fp16 plan guarded by an fp32 one; fp16-guarded is its older spelling.
 VAE_CHOICES = {"fp32": Precision.FP32, "fp16": Precision.FP16, "fp16-guarded": Precision.FP16}
@@ -31,6 +37,8 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
     profiles = make_profiles(
         ProfileKind(args.profile), args.batch, args.size, args.max_tokens, args.min_size, args.max_size
     )
+    if not 77 <= args.max_tokens <= MAX_TOKENS:
+        raise BuildError(f"--max-tokens must be 77..{MAX_TOKENS} (multiples of 77), got {args.max_tokens}")
     if args.workspace <= 0:
         raise BuildError(f"--workspace must be positive, got {args.workspace}")
     return BuildSettings(
@@ -78,7 +86,11 @@ def add_command(subparsers: Any) -> None:
         default="fp32",
         help="fp32 (default) or fp16 with an fp32 fallback on overflow (fp16-guarded: the same)",
     )
-    cmd.add_argument("--refit", action="store_true", help="refittable plans (for LoRA weights later)")
+    cmd.add_argument(
+        "--refit",
+        action="store_true",
+        help="refittable plans: LoRAs are applied by refitting weights, no rebuild",
+    )
     cmd.add_argument("--timing-cache", type=Path, metavar="PATH", help="persistent timing cache file")
     cmd.add_argument(
         "--workspace",
@@ -126,7 +138,14 @@ def _add_profile_options(cmd: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--min-size", type=parse_size, metavar="WxH", help="dynamic: smallest image")
     cmd.add_argument("--max-size", type=parse_size, metavar="WxH", help="dynamic: largest image")
-    cmd.add_argument("--max-tokens", type=int, default=77, help="longest prompt in tokens, a multiple of 77")
+    cmd.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"longest text the UNet sees, a multiple of 77 (a 75-token prompt chunk framed): default "
+        f"{DEFAULT_MAX_TOKENS} (prompts up to 150 tokens, as A1111-TRT), at most {MAX_TOKENS} "
+        "(8 chunks, the engine's prompt limit)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -122,7 +122,18 @@ def build_request(args: argparse.Namespace, is_default: bool) -> GenerationReque
         image=image,
         strength=args.strength,
         clip_skip=args.clip_skip,
+        loras=[parse_lora_arg(text) for text in args.lora or ()],
     )
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``--lora FILE[:WEIGHT]`` as (file or name, weight); WEIGHT defaults to 1 (both multipliers).
+    The text after the last colon is the weight only when it is a number, so paths may hold colons."""
+    name, _, weight = text.rpartition(":")
+    try:
+        return (name, float(weight)) if name else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def save_images(result: Any, output: Path) -> list[Path]:
@@ -146,7 +157,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with contextlib.suppress(ImportError):  # the backend then says what is missing, in one line
             quiet_libraries()  # it loads the source model through diffusers and transformers
     start = time.perf_counter()
-    pipe = Pipeline.load(engine_dir, backend=args.backend, fused_cfg=args.fused_cfg, **backend_options(args))
+    pipe = Pipeline.load(
+        engine_dir,
+        backend=args.backend,
+        fused_cfg=args.fused_cfg,
+        lora_dir=args.lora_dir,
+        **backend_options(args),
+    )
     log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)
     bar = ProgressBar(sys.stderr)
     try:
@@ -196,6 +213,16 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--init-image", type=Path, metavar="IMG", help="img2img: start from this image")
     cmd.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength (default 0.8)")
     cmd.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip 1..12 (default 1)")
+    cmd.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:WEIGHT]",
+        help="apply a LoRA / LyCORIS .safetensors file (or a name in --lora-dir) at WEIGHT (default 1); "
+        "repeatable; prompts may also hold A1111 tags <lora:NAME:WEIGHT>",
+    )
+    cmd.add_argument(
+        "--lora-dir", type=Path, metavar="DIR", help="where <lora:NAME> tags and --lora names find files"
+    )
     cmd.add_argument(
         "--backend", choices=BACKENDS, default=BackendName.ONNXRUNTIME.value, help="(default onnxruntime)"
     )

@@ -30,6 +30,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         raise EngineError(f"--max-tries must be at least 1, got {args.max_tries}")
     if not args.jobs.is_file():
         raise EngineError(f"jobs file not found: {args.jobs}")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise EngineError(f"--lora-dir {args.lora_dir} is not a folder")
     settings = RenderSettings(
         engine_dir=args.engine,
         out_dir=args.out_dir,
@@ -37,6 +39,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray,
         max_tries=args.max_tries,
+        lora_dir=args.lora_dir,
     )
     job = RenderJob(args.jobs, settings, matrix(args), args.batch, args.fail_fast, not args.no_review)
     if args.ray is not None and not args.verbose:
@@ -195,6 +198,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     cmd.add_argument(
         "--max-tries", type=int, default=3, help="runs per image before a crashing one is given up"
+    )
+    cmd.add_argument(
+        "--lora-dir", type=Path, metavar="DIR", help="LoRA files for <lora:NAME:WEIGHT> tags in prompts"
     )
     cmd.add_argument("--no-review", action="store_true", help="skip the contact sheets and index.html")
     cmd.add_argument(

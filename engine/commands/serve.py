@@ -71,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for folder in args.engine_dirs:
         if not folder.is_dir():
             raise EngineError(f"engine folder {folder} does not exist")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise EngineError(f"--lora-dir {args.lora_dir} is not a folder")
     limits = Limits(
         body_bytes=int(args.max_body_mb * MIB),
         image_bytes=int(args.max_image_mb * MIB),
@@ -95,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         cors_origins=tuple(args.cors_origin or ()),
         limits=limits,
+        lora_dir=args.lora_dir,
     )
     return serve(config)
 
@@ -177,4 +180,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         help="width x height of one decoded image (16777216 = 4096x4096)",
     )
     cmd.add_argument("--cors-origin", action="append", help="allow this origin (CORS is off by default)")
+    cmd.add_argument(
+        "--lora-dir", type=Path, metavar="DIR", help="LoRA files for <lora:NAME:WEIGHT> tags in prompts"
+    )
     cmd.set_defaults(run=cmd_serve)

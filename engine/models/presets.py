@@ -373,8 +373,22 @@ def _save_text_encoder(directory: Path, spec: PresetSpec, seed: int) -> None:
     from transformers import CLIPTextModel
 
     config = text_encoder_config(spec)
-    model = _seeded(seed, "text_encoder", lambda: CLIPTextModel(config))
+    model = _seeded(seed, "text_encoder", lambda: _trained_like_norms(CLIPTextModel(config)))
     model.save_pretrained(directory)  # transformers 5 always writes safetensors
+
+
+def _trained_like_norms(model: Any) -> Any:
+    """Layer norms with scales around 1 and biases around 0 instead of exactly 1 and 0, as trained CLIP
+    has them: with zero biases every token's embedding has mean ~0, which makes A1111's mean-preserving
+    prompt weighting (scale back to the original mean) divide by ~0 on a random model."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    return model
 
 
 def _save_unet(directory: Path, spec: PresetSpec, seed: int) -> None:

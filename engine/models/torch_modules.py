@@ -18,7 +18,7 @@ from engine.errors import ModelFolderError
 from engine.manifest import Manifest
 from engine.models.checkpoint.tensors import one_line
 from engine.models.folder import ModelFolder, tensor_shapes
-from engine.specs import Network
+from engine.specs import Network, lora_target_name
 
 T = TypeVar("T")
 
@@ -149,6 +149,18 @@ class SourceModel:
 
     def wrapper(self, network: Network) -> nn.Module:
         return wrap(network, self.text_encoder, self.unet, self.vae)
+
+
+def lora_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv2d modules of a wrapper (or of a SourceModel's component wrapped as one), by
+    LoRA target name (see :func:`engine.specs.lora_target_name`)."""
+    found = {}
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            target = lora_target_name(f"{name}.weight")
+            if target is not None:
+                found[target] = child
+    return found
 
 
 def _component_classes() -> dict[str, type]:

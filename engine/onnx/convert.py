@@ -31,6 +31,7 @@ from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_
 from engine.models.source import ModelSource, SourceOptions, open_model_source
 from engine.onnx.attention_fusion import write_fused
 from engine.onnx.cfg_graph import derive_cfg_graph
+from engine.onnx.weight_map import lora_weights, weight_map
 from engine.parity import compare, summarize_parity
 from engine.specs import (
     GraphSpec,
@@ -63,6 +64,10 @@ TRACE_SHAPE = (2, 24, 16, 77)
 
 # Graphs that get an ONNX Runtime variant with attention fused (their weights live in a shared file).
 ATTENTION_FUSED = (Network.UNET, Network.UNET_CFG)
+
+
+# Graphs a LoRA patches: their Linear / Conv2d weights are mapped to initializers in the manifest.
+LORA_NETWORKS = (Network.TEXT_ENCODER, Network.UNET, Network.UNET_CFG)
 
 
 # Parity shapes: the second has latent sides that are not multiples of 8 and a 2-chunk text.
@@ -180,6 +185,8 @@ def _export_into(
             )
         if network in ATTENTION_FUSED:
             graphs[network] = with_fused_attention(graphs[network], module, out, settings, dims, vocab_size)
+        if network in LORA_NETWORKS:
+            graphs[network] = with_weight_map(graphs[network], module, out)
         seconds[network.value] = time.perf_counter() - start
         parity = graphs[network].parity
         progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
@@ -261,6 +268,27 @@ def with_fused_attention(
         parity=parity,
     )
     return dataclasses.replace(entry, onnxruntime=variant)
+
+
+def with_weight_map(entry: GraphEntry, module: Any, out: Path) -> GraphEntry:
+    """The entry with its LoRA weight map (and its ONNX Runtime variant's), see :mod:`engine.onnx.weight_map`.
+
+    Warns when some Linear / Conv2d weights could not be located: LoRAs touching them are refused.
+    """
+    weights = lora_weights(module)
+    mapped = weight_map(out / entry.file, weights)
+    variant = entry.onnxruntime
+    if variant is not None:
+        variant = dataclasses.replace(variant, weights=weight_map(out / variant.file, weights))
+    missing = len(weights) - len(mapped)
+    if missing:
+        log.warning(
+            "%s: %d of %d weights have no unique initializer; LoRAs cannot patch them",
+            entry.spec.network.value,
+            missing,
+            len(weights),
+        )
+    return dataclasses.replace(entry, weights=mapped, onnxruntime=variant)
 
 
 def convert_network(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,12 @@ from engine.errors import Cancelled, EngineError, RequestError
 from engine.manifest import Manifest, read_manifest
 from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
 from engine.pipeline.images import image_to_array, to_pil
+from engine.pipeline.loras import LoraRuntime, LoraSet, te_key
 from engine.pipeline.request import GenerationRequest, StepCallback, StepControl, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
 from engine.runtime import BackendName, Graph, GraphLoader, bound, check_finite, finite_outputs, open_backend
 from engine.specs import GraphSpec, Network
-from engine.text.conditioning import EmbeddingCache, truncation_warning
+from engine.text.conditioning import EmbeddingCache, encode_weighted
 from engine.text.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Pipeline:
         manifest: Manifest,
         load_graph: GraphLoader,
         fused_cfg: Switch | str | bool | None = None,
+        lora_dir: str | Path | None = None,
     ) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
@@ -77,7 +79,9 @@ class Pipeline:
         self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, Switch.of(fused_cfg).as_optional())
         self._load_graph = load_graph
         self._graphs: dict[Network, Graph] = {}
+        self._patched: dict[Network, Graph] = {}  # this request's LoRA graphs, see _use_loras
         self.embeddings = EmbeddingCache()
+        self.loras = LoraRuntime(manifest, load_graph, Path(lora_dir) if lora_dir is not None else None)
         unet = Network.UNET_CFG if self.fused_cfg else Network.UNET
         for network in (Network.TEXT_ENCODER, unet, Network.VAE_DECODER):
             self.graph(network)
@@ -88,6 +92,7 @@ class Pipeline:
         engine_dir: str | Path,
         backend: BackendName | str = BackendName.ONNXRUNTIME,
         fused_cfg: Switch | str | bool | None = None,
+        lora_dir: str | Path | None = None,
         **options: Any,
     ) -> Pipeline:
         """Open an engine folder on a backend (see :mod:`engine.runtime` for the names; options go to
@@ -96,13 +101,19 @@ class Pipeline:
         fused_cfg: run classifier-free guidance inside the ``unet_cfg`` graph (B latents in, B guided
         noises out) instead of combining 2B predictions on the host. None / auto: whenever the engine
         folder has that graph. Requests with guidance off or guidance_rescale > 0 use the plain UNet.
+
+        lora_dir: where ``<lora:NAME>`` tags and ``loras={"NAME": m}`` find LoRA files (by file stem or
+        ``ss_output_name`` alias, subfolders included); see :mod:`engine.pipeline.loras`.
         """
         root = Path(engine_dir)
         manifest = read_manifest(root)
-        return cls(root, manifest, open_backend(backend, root, manifest, options), fused_cfg)
+        return cls(root, manifest, open_backend(backend, root, manifest, options), fused_cfg, lora_dir)
 
     def graph(self, network: Network) -> Graph:
-        """A network's graph, loaded on first use (the VAE encoder only for img2img)."""
+        """A network's graph, loaded on first use (the VAE encoder only for img2img); the LoRA-patched
+        one while a request with LoRAs runs."""
+        if network in self._patched:
+            return self._patched[network]
         if network not in self._graphs:
             if network not in self.manifest.graphs:
                 raise EngineError(f"engine folder {self.engine_dir} has no {network.value} graph")
@@ -165,8 +176,8 @@ class Pipeline:
         dims = self.manifest.dims
         request.check_model(dims.vae_scale_factor, dims.latent_channels, sched.config.num_train_timesteps)
         sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
-        self.warn_truncated(request)
-        context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request))
+        loras = self.timed(timings, "lora", lambda: self.use_loras(request))
+        context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request, te_key(loras)))
         latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
         latents, done = self.denoise(request, sched, latents, context, generators, timings, on_step)
         pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
@@ -176,7 +187,7 @@ class Pipeline:
         results, first = [], 0
         for part in parts:
             end = first + part.num_images
-            params = self.parameters(part)
+            params = {**self.parameters(part), "lora_hashes": self.loras.hashes(loras)}
             part_latents = latents[first:end]
             results.append(
                 GenerationResult(images[first:end], part.seeds, params, timings, part_latents, done)
@@ -193,33 +204,35 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def encode_text(self, texts: Sequence[str], clip_skip: int) -> np.ndarray:
-        """Embeddings (N, 77, D) for texts: each distinct text encoded once, the LRU used across requests."""
+    def use_loras(self, request: GenerationRequest) -> LoraSet:
+        """Switch the text encoder and UNet graphs to the request's LoRAs (prompt tags and ``loras``);
+        the exported graphs when it has none. RequestError / AdapterError for unknown or unfit LoRAs."""
+        loras = self.loras.resolve(request.prompts, request.loras)
+        networks = [
+            n for n in (Network.TEXT_ENCODER, Network.UNET, Network.UNET_CFG) if n in self.manifest.graphs
+        ]
+        self._patched = {}
+        self._patched = self.loras.graphs(loras, networks)
+        return loras
+
+    def encode_text(self, texts: Sequence[str], clip_skip: int, weights_key: Hashable = ()) -> np.ndarray:
+        """Embeddings (N, 77k, D) for texts in A1111's prompt syntax (weights, BREAK, 75-token chunks,
+        the shorter rows padded with the empty prompt's chunks; see :mod:`engine.text.conditioning`):
+        each distinct chunk encoded once, the LRU used across requests. weights_key: what the text
+        encoder's weights depend on (its LoRAs), part of the cache key."""
 
         graph = self.graph(Network.TEXT_ENCODER)
         check_clip_skip(graph.spec, clip_skip)
 
-        def encode(missing: list[str]) -> np.ndarray:
-            outputs = finite_outputs(graph, graph.run({"input_ids": self.tokenizer.encode(missing)}))
-            return clip_skip_layer(outputs, clip_skip)
+        def encode(ids: np.ndarray) -> np.ndarray:
+            return clip_skip_layer(finite_outputs(graph, graph.run({"input_ids": ids})), clip_skip)
 
-        return self.embeddings.embed(texts, clip_skip, encode)
+        return encode_weighted(texts, self.tokenizer, encode, self.embeddings, clip_skip, weights_key)
 
-    def warn_truncated(self, request: GenerationRequest) -> None:
-        """Log a warning for each distinct prompt or negative prompt CLIP will cut (see
-        :func:`engine.text.conditioning.truncation_warning`)."""
-        texts = {text: "prompt" for text in request.prompts}
-        texts.update({text: "negative prompt" for text in request.negative_prompts if text not in texts})
-        for text, what in texts.items():
-            tokens = len(self.tokenizer.encode_unpadded(text))
-            line = truncation_warning(tokens, self.tokenizer.max_length, what)
-            if line:
-                log.warning("%s", line)
-
-    def encode_prompts(self, request: GenerationRequest) -> np.ndarray:
+    def encode_prompts(self, request: GenerationRequest, weights_key: Hashable = ()) -> np.ndarray:
         """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
         texts = [*request.negative_prompts, *request.prompts] if request.do_cfg else list(request.prompts)
-        return self.encode_text(texts, request.clip_skip).repeat(request.batch_size, axis=0)
+        return self.encode_text(texts, request.clip_skip, weights_key).repeat(request.batch_size, axis=0)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         dims = self.manifest.dims

@@ -78,7 +78,9 @@ class GenerationRequest:
     ``image``: img2img's start, a PIL image (read as a viewer shows it: EXIF orientation applied,
     transparency over white, see :func:`engine.pipeline.images.load_image`) or an HxWx3 uint8 RGB array,
     kept as a read-only RGB uint8 copy. ``latents`` holding NaN or inf (also after the cast) are refused.
-    Equality compares the arrays by content.
+    ``loras``: LoRAs besides the prompt's ``<lora:...>`` tags, kept as (name or file path, text-encoder
+    multiplier, UNet multiplier) triples; given as ``{"name": 0.8}``, ``{"name": (te, unet)}`` or a list of
+    such pairs / triples (see :func:`lora_triples`). Equality compares the arrays by content.
     """
 
     prompts: tuple[str, ...]
@@ -95,6 +97,7 @@ class GenerationRequest:
     latents: np.ndarray | None = field(default=None, compare=False, repr=False)
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 0.8
+    loras: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check_prompts(self.prompts, self.negative_prompts)
@@ -107,6 +110,8 @@ class GenerationRequest:
         set_field(self, "seed", _seed(self.seed, len(self.prompts) * int(self.batch_size)))
         set_field(self, "prompts", tuple(self.prompts))
         set_field(self, "negative_prompts", tuple(self.negative_prompts))
+        set_field(self, "loras", lora_triples(self.loras))
+        prompt_networks(self.prompts)  # a malformed <lora:...> tag is refused here, never later in a worker
         for name in _INTEGERS:
             set_field(self, name, int(getattr(self, name)))
         if self.latents is not None:
@@ -194,7 +199,7 @@ class GenerationRequest:
         if self.is_img2img or self.latents is not None:
             return None
         names = ("width", "height", "steps", "sampler", "guidance_scale", "guidance_rescale", "clip_skip")
-        return tuple(getattr(self, name) for name in names)
+        return (*(getattr(self, name) for name in names), self.loras, frozenset(prompt_networks(self.prompts)))
 
     @staticmethod
     def merge(requests: Sequence[GenerationRequest]) -> GenerationRequest:
@@ -204,8 +209,8 @@ class GenerationRequest:
         keys = {request.batch_key for request in requests}
         if not requests or None in keys or len(keys) != 1:
             raise RequestError(
-                "only txt2img requests with the same size, steps, sampler, guidance and "
-                "clip skip can share a batch"
+                "only txt2img requests with the same size, steps, sampler, guidance, clip skip "
+                "and LoRAs can share a batch"
             )
         prompts = [p for r in requests for p in r.prompts for _ in range(r.batch_size)]
         negatives = [n for r in requests for n in r.negative_prompts for _ in range(r.batch_size)]
@@ -232,6 +237,42 @@ SCALAR_SETTINGS = tuple(name for name in SETTINGS if name not in ("latents", "im
 
 
 # -- checks -------------------------------------------------------------------------------------
+
+
+def lora_triples(value: Any) -> tuple[tuple[str, float, float], ...]:
+    """``loras`` as (name, te, unet) triples: a mapping name -> multiplier or (te, unet), or a sequence of
+    (name, multiplier) / (name, te, unet). Multipliers are finite numbers (negative allowed, as in A1111).
+    Raises RequestError naming what is wrong."""
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, str) or not isinstance(items, Sequence):
+        raise RequestError(f"loras must be a mapping of LoRA name to multiplier, got {_describe(value)}")
+    triples = []
+    for item in items:
+        parts = tuple(item) if isinstance(item, tuple | list) else ()
+        if len(parts) == 2 and isinstance(parts[1], tuple | list):
+            parts = (parts[0], *parts[1])
+        if len(parts) == 2:
+            parts = (parts[0], parts[1], parts[1])
+        ok = len(parts) == 3 and isinstance(parts[0], str) and bool(parts[0].strip())
+        ok = ok and all(_finite_number(m) for m in parts[1:])
+        if not ok:
+            raise RequestError(
+                f"loras entry {item!r} must be a LoRA name with a multiplier or (text encoder, UNet) "
+                "multipliers"
+            )
+        triples.append((parts[0], float(parts[1]), float(parts[2])))
+    return tuple(triples)
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def prompt_networks(prompts: Sequence[str]) -> tuple[Any, ...]:
+    """The extra-network tags of each prompt (``<lora:name:0.8>``), for batching and LoRA selection."""
+    from engine.text.prompt import extract_extra_networks
+
+    return tuple(extract_extra_networks(prompt)[1] for prompt in prompts)
 
 
 def _require(ok: bool, name: str, wanted: str, got: Any, show: Callable[[Any], str] = repr) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -476,7 +477,6 @@ def build_router(state: AppState) -> APIRouter:
 
     for path in (
         "/sd-vae",
-        "/loras",
         "/hypernetworks",
         "/face-restorers",
         "/realesrgan-models",
@@ -485,6 +485,15 @@ def build_router(state: AppState) -> APIRouter:
         "/sd-modules",
     ):
         router.add_api_route(path, _empty_list, methods=["GET"])
+
+    @router.get("/loras")
+    async def loras() -> list[dict[str, Any]]:
+        """A1111's list: name (file stem), alias (ss_output_name, else the name), path, metadata."""
+        return await run_in_threadpool(lora_list, state.config.lora_dir)
+
+    @router.post("/refresh-loras")
+    async def refresh_loras() -> None:
+        return None  # files are looked up on every request: nothing to refresh
 
     @router.get("/upscalers")
     async def upscalers() -> list[dict[str, Any]]:
@@ -501,7 +510,30 @@ def build_router(state: AppState) -> APIRouter:
     return router
 
 
-async def _empty_list() -> list[Any]:
+def lora_list(lora_dir: Path | None) -> list[dict[str, Any]]:
+    """GET /sdapi/v1/loras's entries for the LoRA files of ``lora_dir`` (none without one); blocking (it
+    reads every file's header), so the route runs it in the thread pool. ApiError 503 when the folder is
+    gone."""
+    if lora_dir is None:
+        return []
+    from engine.adapters import AdapterError, list_loras
+
+    try:
+        infos = list_loras(lora_dir)
+    except AdapterError as error:
+        raise ApiError(503, str(error), None) from None
+    return [
+        {
+            "name": info.name,
+            "alias": info.alias or info.name,
+            "path": str(info.path),
+            "metadata": dict(info.metadata),
+        }
+        for info in infos
+    ]
+
+
+def _empty_list() -> list[Any]:
     return []
 
 

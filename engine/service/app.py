@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -253,7 +254,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 def create_app(config: ServeConfig, catalog: Catalog | None = None, pool: PipelinePool | None = None) -> Any:
     """The ASGI app for ``config``; ``pool`` defaults to Pipeline.load on the configured backend."""
     catalog = catalog or Catalog.open(config.engines)
-    pool = pool or PipelinePool(_loader(config.backend), config.memory_budget_bytes)
+    pool = pool or PipelinePool(_loader(config.backend, config.lora_dir), config.memory_budget_bytes)
     state = AppState(config, catalog, pool)
 
     @asynccontextmanager
@@ -277,11 +278,11 @@ def create_app(config: ServeConfig, catalog: Catalog | None = None, pool: Pipeli
     return Gate(app, state)
 
 
-def _loader(backend: str) -> Callable[[EngineEntry], Any]:
+def _loader(backend: str, lora_dir: Path | None = None) -> Callable[[EngineEntry], Any]:
     def load(entry: EngineEntry) -> Any:
         from engine.pipeline import Pipeline
 
-        return Pipeline.load(entry.path, backend=backend)
+        return Pipeline.load(entry.path, backend=backend, lora_dir=lora_dir)
 
     return load
 

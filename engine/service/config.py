@@ -38,6 +38,7 @@ class ServeConfig:
     the answer (504 beyond).
     memory_budget_bytes: loaded pipelines are evicted least recently used beyond it (their ONNX files'
     size counts). preview_every: steps between progress previews (0: none). cors_origins: none by default.
+    lora_dir: where prompts' ``<lora:NAME>`` tags find LoRA files (listed by GET /sdapi/v1/loras).
     """
 
     engines: tuple[Path, ...]
@@ -55,6 +56,7 @@ class ServeConfig:
     backend: str = "onnxruntime"
     cors_origins: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    lora_dir: Path | None = None
 
     @property
     def needs_auth(self) -> bool:

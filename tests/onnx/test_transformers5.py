@@ -21,6 +21,7 @@ from engine.models.folder import inspect_model_folder
 from engine.models.torch_modules import load_source_model
 from engine.specs import Network
 from engine.text.tokenizer import ClipTokenizer
+from tests.engine_reuse import export_reusing
 from tests.models.test_folder import (
     T5_TOKENIZER_FILES,
     prefix_text_encoder_keys,
@@ -59,8 +60,15 @@ def t5_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
-def t5_engine(t5_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_model(t5_model, tmp_path_factory.mktemp("t5") / "engine", NETWORKS).engine_dir
+def t5_engine(
+    t5_model: Path, tiny_model: Path, tiny_engine: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The saved folder exported: its text encoder (transformers 5 key names) and tokenizer.json for
+    real; its UNet and VAE, diffusers' re-save of tiny_model's (checked bit for bit), are the session
+    engine's graphs, so CI pays for no second tiny UNet export (most of a minute on 2 cores)."""
+    engine = tmp_path_factory.mktemp("t5") / "engine"
+    reuse = (Network.UNET, Network.VAE_DECODER)
+    return export_reusing(t5_model, engine, tiny_model, tiny_engine, reuse).engine_dir
 
 
 def test_transformers_5_folder_exports_and_matches_diffusers(

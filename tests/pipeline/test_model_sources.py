@@ -18,17 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 
 from engine import Pipeline
-from engine.export import ExportResult, ExportSettings, export_model
+from engine.export import ExportSettings, export_model
 from engine.infotext import format_infotext
+from engine.manifest import Manifest, read_manifest
 from engine.models.presets import init_random
 from engine.models.source import SourceOptions, open_model_source
+from engine.pipeline import GenerationRequest
 from engine.sampling.registry import lookup
 from engine.specs import Network
+from engine.text.chunks import chunk_prompt
 from tests.models.ldm import write_checkpoint
+from tests.prefetch import prefetched
 from tests.reference import generators, psnr
 
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -68,13 +73,25 @@ def our_image(engine: Path, sampler: str, seed: int):
 
 @dataclass(frozen=True)
 class Sd1Export:
-    """The SD 1 export and what went into it."""
+    """The SD 1 export and what went into it (all in the folder :func:`build_sd1_export` wrote)."""
 
     config: Path  # --config folder, with the outdated DDIM scheduler config
     vae: Path  # --vae: another tiny model's VAE folder
     checkpoint: Path
-    result: ExportResult
+    engine: Path
+    manifest: Manifest
     warnings: list[str]  # what export logged at WARNING
+
+    @staticmethod
+    def read(root: Path) -> Sd1Export:
+        return Sd1Export(
+            config=root / "config",
+            vae=root / "other" / "vae",
+            checkpoint=root / "dreamy-v2.safetensors",
+            engine=root / "engine",
+            manifest=read_manifest(root / "engine"),
+            warnings=json.loads((root / "warnings.json").read_text()),
+        )
 
 
 class _Keep(logging.Handler):
@@ -88,52 +105,62 @@ class _Keep(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
-def sd1(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Sd1Export:
-    root = tmp_path_factory.mktemp("single-file")
-    config = Path(shutil.copytree(tiny_model, root / "config"))
+def build_sd1_export(root: Path) -> None:
+    """The files of :class:`Sd1Export` in ``root``: the tiny model (as ``tiny_model``: same preset and
+    seed) as an fp16 checkpoint, its config folder with an outdated DDIM config, another VAE, and the
+    export. Usually built in the background while other tests run (tests/prefetch.py)."""
+    tiny = init_random("tiny", root / "tiny", seed=0)
+    config = Path(shutil.copytree(tiny, root / "config"))
     path = config / "scheduler" / "scheduler_config.json"
     outdated = {"_class_name": "DDIMScheduler", "clip_sample": True, "steps_offset": 0}
     path.write_text(json.dumps({**json.loads(path.read_text()), **outdated}))
     vae = init_random("tiny", root / "other", seed=7) / "vae"
-    checkpoint = write_checkpoint(tiny_model, root / "dreamy-v2.safetensors", dtype=torch.float16)
+    checkpoint = write_checkpoint(tiny, root / "dreamy-v2.safetensors", dtype=torch.float16)
     keep = _Keep()
     logging.getLogger().addHandler(keep)
     try:
         options = SourceOptions(config_dir=config, vae=vae)
-        result = export_model(checkpoint, root / "engine", TXT2IMG, options=options)
+        export_model(checkpoint, root / "engine", TXT2IMG, options=options)
     finally:
         logging.getLogger().removeHandler(keep)
-    return Sd1Export(config, vae, checkpoint, result, keep.lines)
+    (root / "warnings.json").write_text(json.dumps(keep.lines))
 
 
-def test_sd1_fp16_checkpoint_with_vae_swap_and_old_ddim_config_matches_diffusers(sd1: Sd1Export) -> None:
-    ours = our_image(sd1.result.engine_dir, "DDIM", seed=21)
+@pytest.fixture(scope="module")
+def sd1_export(request: pytest.FixtureRequest) -> Sd1Export:
+    return Sd1Export.read(prefetched(request))
+
+
+def test_sd1_fp16_checkpoint_with_vae_swap_and_old_ddim_config_matches_diffusers(
+    sd1_export: Sd1Export,
+) -> None:
+    sd1 = sd1_export
+    ours = our_image(sd1.engine, "DDIM", seed=21)
     reference = reference_image(reference_pipeline(sd1.checkpoint, sd1.config, "DDIM", vae=sd1.vae), seed=21)
     assert psnr(ours.images[0], reference) >= 40
     own_vae = reference_image(reference_pipeline(sd1.checkpoint, sd1.config, "DDIM"), seed=21)
     assert psnr(ours.images[0], own_vae) < 40  # the swap changed the picture
 
 
-def test_outdated_scheduler_config_is_migrated_with_one_warning_each(sd1: Sd1Export) -> None:
-    manifest = sd1.result.manifest
+def test_outdated_scheduler_config_is_migrated_with_one_warning_each(sd1_export: Sd1Export) -> None:
+    manifest = sd1_export.manifest
     assert manifest.scheduler_config["steps_offset"] == 1
     assert manifest.scheduler_config["clip_sample"] is False
     migrations = manifest.source["scheduler_migrations"]
-    assert len(migrations) == 2 and sd1.warnings == migrations
+    assert len(migrations) == 2 and sd1_export.warnings == migrations
 
 
-def test_manifest_and_infotext_carry_the_a1111_identity(sd1: Sd1Export) -> None:
-    source = sd1.result.manifest.source
-    sha256 = hashlib.sha256(sd1.checkpoint.read_bytes()).hexdigest()
+def test_manifest_and_infotext_carry_the_a1111_identity(sd1_export: Sd1Export) -> None:
+    source = sd1_export.manifest.source
+    sha256 = hashlib.sha256(sd1_export.checkpoint.read_bytes()).hexdigest()
     assert (source["kind"], source["sha256"], source["prediction_source"]) == (
         "single-file",
         sha256,
         "config_dir",
     )
-    vae_weights = sd1.vae / "diffusion_pytorch_model.safetensors"
+    vae_weights = sd1_export.vae / "diffusion_pytorch_model.safetensors"
     vae_hash = hashlib.sha256(vae_weights.read_bytes()).hexdigest()[:10]
-    result = Pipeline.load(sd1.result.engine_dir).generate(PROMPT, steps=1, width=64, height=64, seed=1)
+    result = Pipeline.load(sd1_export.engine).generate(PROMPT, steps=1, width=64, height=64, seed=1)
     infotext = format_infotext({**result.parameters, "seed": 1})
     assert f"Model hash: {sha256[:10]}, Model: dreamy-v2, VAE hash: {vae_hash}, VAE: other" in infotext
 
@@ -173,14 +200,19 @@ def test_vae_swap_on_a_folder_loads_the_other_vae(tiny_model: Path, tmp_path: Pa
     assert "vae" not in source.manifest_source()["weights"]  # the folder's own VAE was not read
 
 
-def test_prompt_longer_than_clip_reads_warns(tiny_engine: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_prompt_longer_than_clip_reads_is_chunked_not_cut(tiny_engine: Path) -> None:
+    """A prompt past 75 tokens makes more 75-token chunks, encoded alone and joined (A1111's long
+    prompts): the UNet sees 77 positions per chunk and the words past the 75th count (two prompts that
+    share their first 75 tokens give different images)."""
     pipe = Pipeline.load(tiny_engine)
-    long_prompt = " ".join(["castle"] * 80)
-    tokens = len(pipe.tokenizer.encode_unpadded(long_prompt))
-    with caplog.at_level(logging.WARNING):
-        pipe.generate(PROMPT, steps=1, width=64, height=64, seed=1)
-        assert not caplog.records
-        pipe.generate(long_prompt, long_prompt, steps=1, width=64, height=64, seed=1)
-    lines = [r.getMessage() for r in caplog.records]
-    expected = f"prompt is {tokens} tokens; CLIP reads the first 75, the last {tokens - 75} are ignored"
-    assert lines == [f"{expected} (long prompts are not supported yet)"]
+    castles = " ".join(["castle"] * 80)
+    river, lake = f"{castles} by the river", f"{castles} by the lake"
+    tokens = [pipe.tokenizer.encode_unpadded(text) for text in (river, lake)]
+    assert tokens[0][:75] == tokens[1][:75] and tokens[0] != tokens[1]
+    chunks = chunk_prompt(river, pipe.tokenizer).count
+    assert chunks >= 2
+    request = GenerationRequest.create(river, steps=1, width=64, height=64, seed=1)
+    assert pipe.encode_prompts(request).shape == (2, 77 * chunks, 32)  # the negative padded to match
+    settings = {"steps": 1, "width": 64, "height": 64, "seed": 1}
+    images = [np.asarray(pipe.generate(text, **settings).images[0]) for text in (river, lake)]
+    assert not np.array_equal(*images)

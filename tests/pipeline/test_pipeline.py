@@ -149,11 +149,28 @@ def test_on_step_sees_every_step_and_can_cancel(pipe: Pipeline) -> None:
 
 
 def test_prompt_embeddings_are_cached(pipe: Pipeline) -> None:
-    pipe.generate("a unique prompt for caching", steps=1, width=64, height=64, seed=1)
-    cached = pipe.embeddings.get(("a unique prompt for caching", 1))
-    assert cached is not None and cached.shape == (77, 32)
-    result = pipe.generate("a unique prompt for caching", steps=1, width=64, height=64, seed=1)
-    assert pipe.embeddings.get(("a unique prompt for caching", 1)) is cached  # a hit: not encoded again
+    """A repeated prompt (and negative) runs no text encoder: every chunk is an LRU hit."""
+    prompt = f"a unique prompt for caching {np.random.default_rng().integers(1 << 30)}"
+    pipe.generate(prompt, steps=1, width=64, height=64, seed=1)
+    graph = pipe.graph(Network.TEXT_ENCODER)
+    calls: list[np.ndarray] = []
+
+    class Counting:  # the graph, counting the ids it is given
+        def __getattr__(self, name: str) -> object:
+            return getattr(graph, name)
+
+        def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            calls.append(feeds["input_ids"])
+            return graph.run(feeds)
+
+    pipe._graphs[Network.TEXT_ENCODER] = Counting()  # type: ignore[assignment]
+    try:
+        result = pipe.generate(prompt, steps=1, width=64, height=64, seed=1)
+        assert calls == []
+        pipe.generate(f"{prompt}, and more", steps=1, width=64, height=64, seed=1)
+        assert len(calls) == 1 and calls[0].shape == (1, 77)  # only the new prompt's chunk
+    finally:
+        pipe._graphs[Network.TEXT_ENCODER] = graph
     assert "text_encoder" in result.timings  # a cache hit still reports the stage
 
 

@@ -1,0 +1,96 @@
+"""Patching a graph's weights at run time (LoRA): the protocol backends offer, and ONNX file access.
+
+A backend whose loader has the :class:`Patchable` methods can load a graph with some weights replaced,
+without re-export. Weights are named by LoRA target ("unet:down_blocks.0...attn1.to_q", see
+:mod:`engine.onnx.weight_map`) and given in torch layout, (out, in) or (out, in, kh, kw) float32; the
+backend converts them to what its graph stores.
+
+For ONNX files export records where each target's initializer lies (:class:`engine.manifest.WeightRef`):
+:func:`base_weight` reads it as a read-only ``np.memmap`` (no ``onnx`` import, nothing copied), and
+:func:`stored_initializers` turns merged torch-layout weights into the initializer values to feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from engine.errors import EngineFolderError
+from engine.manifest import WeightRef
+from engine.runtime import Graph
+from engine.specs import Network
+
+
+@runtime_checkable
+class Patchable(Protocol):
+    """A graph loader that can swap weights. in_place: True when :meth:`load_patched` changes the one
+    loaded graph (torch, TensorRT refit; the caller must not keep an old graph), False when it returns
+    a new graph beside the base one (ONNX Runtime)."""
+
+    in_place: bool
+
+    def lora_targets(self, network: Network) -> Mapping[str, tuple[int, ...]]:
+        """Every patchable weight of the network's graph: target -> torch-layout shape."""
+        ...
+
+    def base_weight(self, network: Network, target: str) -> np.ndarray:
+        """The exported weight of a target, torch layout; read-only, never to be modified."""
+        ...
+
+    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> Graph:
+        """The network's graph with ``weights`` (target -> torch-layout array) replacing the exported
+        ones; every other weight as exported. An empty mapping gives the exported weights exactly."""
+        ...
+
+
+def base_weight(engine_dir: Path, ref: WeightRef) -> np.ndarray:
+    """A weight as export stored it, viewed in torch layout: a read-only memmap of the graph's bytes.
+
+    Raises EngineFolderError when the file is shorter than the manifest says (a damaged folder)."""
+    path = Path(engine_dir) / ref.file
+    count = int(np.prod(ref.stored_shape))
+    needed = ref.offset + count * np.dtype(ref.dtype).itemsize
+    size = path.stat().st_size if path.is_file() else -1
+    if size < needed:
+        raise EngineFolderError(
+            f"{path} is missing or too short for weight {ref.initializer} ({size} < {needed} bytes); "
+            "re-export the model"
+        )
+    stored = np.memmap(
+        path, dtype=np.dtype(ref.dtype).newbyteorder("<"), mode="r", offset=ref.offset, shape=ref.stored_shape
+    )
+    return stored.T if ref.transposed else stored
+
+
+def stored_initializers(
+    refs: Mapping[str, WeightRef], weights: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Initializer name -> value in the graph's layout and dtype (C-contiguous), for torch-layout
+    ``weights`` by target. Raises KeyError for a target the graph does not map (callers check first)."""
+    stored = {}
+    for target, value in weights.items():
+        ref = refs[target]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"{target}: weight of shape {value.shape}, the graph holds {ref.shape}")
+        layout = value.T if ref.transposed else value
+        stored[ref.initializer] = np.ascontiguousarray(layout, dtype=np.dtype(ref.dtype))
+    return stored
+
+
+def patched_model_bytes(
+    graph_file: Path, refs: Mapping[str, WeightRef], values: Mapping[str, np.ndarray]
+) -> bytes:
+    """The graph file's bytes with inline initializers overwritten in place (same size, same dtype):
+    a valid ONNX model holding the new values, made without parsing the protobuf. ``values`` by
+    initializer name, as :func:`stored_initializers` gives them; every one must be inline in this file."""
+    data = bytearray(Path(graph_file).read_bytes())
+    for ref in refs.values():
+        value = values.get(ref.initializer)
+        if value is None:
+            continue
+        raw = value.astype(np.dtype(ref.dtype).newbyteorder("<"), copy=False).tobytes()
+        data[ref.offset : ref.offset + len(raw)] = raw
+    return bytes(data)

@@ -1,0 +1,268 @@
+"""LoRAs at run time: which LoRAs a request wants, and the patched graphs that apply them.
+
+A request names LoRAs by ``<lora:NAME:TE:UNET>`` tags in its prompts and by its ``loras`` setting
+(a file stem or ``ss_output_name`` alias in the pipeline's ``lora_dir``, or a file path). Tags are read
+from the positive prompts only, as A1111 does; every prompt of one request must name the same LoRAs.
+The same LoRA named twice has its multipliers added.
+
+Weights are merged on the host (W' = W + sum m * delta, see :mod:`engine.adapters`) from the exported
+weights the backend reads back, and the backend loads the network with them (:class:`Patchable`). ONNX
+Runtime makes a new session, kept in a small LRU beside the base graph, so switching back to no LoRA
+(the base graph, never touched) is exact and free and a recent LoRA set is reused; torch and TensorRT
+patch the one loaded graph in place, restoring exported weights the new set does not touch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.adapters import (
+    AdapterError,
+    Component,
+    LoraFile,
+    LoraMatch,
+    find_lora,
+    lora_hash,
+    match_lora,
+    merge_weight,
+    read_lora,
+)
+from engine.backends.weights import Patchable
+from engine.errors import RequestError
+from engine.manifest import Manifest
+from engine.runtime import Graph, GraphLoader
+from engine.specs import Network
+from engine.text.prompt import extract_extra_networks
+
+log = logging.getLogger(__name__)
+
+# Networks a LoRA patches, and the component whose multiplier applies to each.
+LORA_COMPONENTS = {
+    Network.TEXT_ENCODER: Component.TEXT_ENCODER,
+    Network.UNET: Component.UNET,
+    Network.UNET_CFG: Component.UNET,
+}
+LORA_KINDS = ("lora", "lyco")  # A1111 reads LyCORIS's old <lyco:...> tags as LoRAs
+PATCHED_GRAPHS_KEPT = 2  # patched graphs kept per network (ONNX Runtime: each a full session)
+SHORT_HASH = 12  # hex digits of A1111's `Lora hashes` entries
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA of a request: the name it was asked by, its file, and its two multipliers."""
+
+    name: str
+    path: Path
+    te: float
+    unet: float
+
+    def multiplier(self, component: Component) -> float:
+        return self.unet if component is Component.UNET else self.te
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """The LoRAs of one request, in the order named (empty: the exported weights)."""
+
+    uses: tuple[LoraUse, ...] = ()
+
+    def key(self, component: Component) -> tuple[tuple[str, float], ...]:
+        """What a component's weights depend on: (file, multiplier) of each LoRA that touches it."""
+        return tuple(
+            (str(use.path), use.multiplier(component)) for use in self.uses if use.multiplier(component)
+        )
+
+
+def tag_triples(prompts: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
+    """The (name, te, unet) of every ``<lora:...>`` tag of the prompts; RequestError when prompts of one
+    request name different LoRAs, or for a tag of another kind or with more than two multipliers."""
+    per_prompt = {tuple(_tag_triple(tag) for tag in extract_extra_networks(p)[1]) for p in prompts}
+    if len(per_prompt) > 1:
+        raise RequestError(
+            "the prompts of one request name different LoRAs in <lora:...> tags; send separate requests"
+        )
+    return next(iter(per_prompt), ())
+
+
+def _tag_triple(tag: object) -> tuple[str, float, float]:
+    kind, name, numbers = tag.kind, tag.name, tag.multipliers  # type: ignore[attr-defined]
+    if kind not in LORA_KINDS:
+        raise RequestError(
+            f"{tag.text}: unsupported extra network {kind!r}; sd-engine applies <lora:...> tags"
+        )  # type: ignore[attr-defined]
+    if len(numbers) > 2:
+        raise RequestError(f"{tag.text}: a LoRA tag takes at most two multipliers (text encoder, UNet)")  # type: ignore[attr-defined]
+    te = numbers[0] if numbers else 1.0
+    return name, te, numbers[1] if len(numbers) > 1 else te
+
+
+class LoraRuntime:
+    """A pipeline's LoRA state: resolves names to files, merges weights, keeps patched graphs."""
+
+    def __init__(self, manifest: Manifest, loader: GraphLoader, lora_dir: Path | None) -> None:
+        self.manifest = manifest
+        self.loader = loader
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None
+        if self.lora_dir is not None and not self.lora_dir.is_dir():
+            raise RequestError(f"lora_dir {self.lora_dir} is not a folder")
+        self._files: dict[tuple[str, int, int], tuple[LoraFile, str]] = {}
+        self._matches: dict[str, LoraMatch] = {}
+        self._graphs: dict[Network, OrderedDict[tuple, Graph]] = {}
+        self._applied: dict[Network, tuple] = {}
+
+    # -- which LoRAs ----------------------------------------------------------------------------
+
+    def resolve(self, prompts: Sequence[str], extra: Sequence[tuple[str, float, float]]) -> LoraSet:
+        """The LoRAs of a request: prompt tags (names in lora_dir only: a prompt never reaches other
+        files), then ``extra`` (its ``loras``: names or file paths); one file named twice sums. A file
+        given by path is named by its stem (in ``Lora hashes``)."""
+        found = [(name, self.find_name(name), te, unet) for name, te, unet in tag_triples(prompts)]
+        for name, te, unet in extra:
+            path = self.find(name)
+            found.append((path.stem if self.is_path(name) else name, path, te, unet))
+        merged: dict[Path, LoraUse] = {}
+        for name, path, te, unet in found:
+            old = merged.get(path)
+            total = (te + old.te, unet + old.unet) if old else (te, unet)
+            merged[path] = LoraUse(old.name if old else name, path, *total)
+        return LoraSet(tuple(merged.values()))
+
+    @staticmethod
+    def is_path(name: str) -> bool:
+        """Whether a ``loras`` entry names a file by path (it has a suffix and the file exists)."""
+        candidate = Path(os.path.expanduser(name))
+        return bool(candidate.suffix) and candidate.is_file()
+
+    def find(self, name: str) -> Path:
+        """A LoRA file by path, or by name in lora_dir (RequestError when there is neither)."""
+        return Path(os.path.expanduser(name)).resolve() if self.is_path(name) else self.find_name(name)
+
+    def find_name(self, name: str) -> Path:
+        """A LoRA file by file stem or alias in lora_dir (RequestError without a lora_dir or a match)."""
+        if self.lora_dir is None:
+            raise RequestError(
+                f"no LoRA named {name!r}: no lora_dir to look it up in (Pipeline.load(..., lora_dir=DIR), "
+                "--lora-dir)"
+            )
+        return find_lora(name, self.lora_dir).resolve()
+
+    def hashes(self, loras: LoraSet) -> str | None:
+        """A1111's ``Lora hashes`` value: "name: <12 hex>, ..." (None without LoRAs)."""
+        if not loras.uses:
+            return None
+        return ", ".join(f"{use.name}: {self._file(use.path)[1][:SHORT_HASH]}" for use in loras.uses)
+
+    # -- graphs ---------------------------------------------------------------------------------
+
+    def graphs(self, loras: LoraSet, networks: Sequence[Network]) -> dict[Network, Graph]:
+        """Patched graphs of the networks ``loras`` changes; a network it leaves alone is not in the
+        result (the caller uses its base graph). RequestError for a backend that cannot patch."""
+        wanted = [n for n in networks if n in LORA_COMPONENTS and loras.key(LORA_COMPONENTS[n])]
+        if not wanted and not self._applied:
+            return {}
+        if wanted and not isinstance(self.loader, Patchable):
+            raise RequestError(
+                "this backend cannot apply LoRAs; use --backend onnxruntime, torch or tensorrt"
+            )
+        return {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
+
+    def _graph(self, network: Network, loras: LoraSet) -> Graph | None:
+        component = LORA_COMPONENTS.get(network)
+        key = loras.key(component) if component else ()
+        loader = self.loader
+        if not isinstance(loader, Patchable):
+            return None
+        if loader.in_place:  # the pipeline's own graph changes; nothing new to hand back
+            if self._applied.get(network, ()) != key:
+                loader.load_patched(network, self._merged(network, loras) if key else {})
+                self._applied[network] = key
+            return None
+        if not key:
+            return None
+        kept = self._graphs.setdefault(network, OrderedDict())
+        if key not in kept:
+            kept[key] = loader.load_patched(network, self._merged(network, loras))
+            while len(kept) > PATCHED_GRAPHS_KEPT:
+                kept.popitem(last=False)
+        kept.move_to_end(key)
+        return kept[key]
+
+    def _merged(self, network: Network, loras: LoraSet) -> dict[str, np.ndarray]:
+        """Torch-layout merged weights of every target the LoRAs touch in this network."""
+        loader = self.loader
+        assert isinstance(loader, Patchable)
+        component = LORA_COMPONENTS[network]
+        parts: dict[str, list] = {}
+        for use in loras.uses:
+            multiplier = use.multiplier(component)
+            if not multiplier:
+                continue
+            for delta in self._match(use.path).deltas:
+                if delta.target[0] is component:
+                    parts.setdefault(_target_key(delta.target), []).append((delta, multiplier))
+        targets = loader.lora_targets(network)
+        missing = [t for t in parts if t not in targets]
+        if missing:
+            raise RequestError(
+                f"{len(missing)} LoRA weights (e.g. {missing[0]}) have no patchable weight in the "
+                f"{network.value} graph; re-export the model with this sd-engine"
+            )
+        return {t: merge_weight(loader.base_weight(network, t), p) for t, p in parts.items()}
+
+    def _match(self, path: Path) -> LoraMatch:
+        """The file's deltas against every patchable target of the engine (cached per file version)."""
+        lora, digest = self._file(path)
+        if digest not in self._matches:
+            match = match_lora(lora, self._all_targets(), self.manifest.model_family)
+            if match.unused_keys:
+                log.warning(
+                    "LoRA %s: %d keys match nothing in this model and are not applied (e.g. %s)",
+                    path.name,
+                    len(match.unused_keys),
+                    ", ".join(match.unused_keys[:3]),
+                )
+            self._matches[digest] = match
+        return self._matches[digest]
+
+    def _all_targets(self) -> dict[tuple[Component, str], tuple[int, ...]]:
+        loader = self.loader
+        assert isinstance(loader, Patchable)
+        targets: dict[tuple[Component, str], tuple[int, ...]] = {}
+        for network in (Network.TEXT_ENCODER, Network.UNET):
+            if network in self.manifest.graphs:
+                for target, shape in loader.lora_targets(network).items():
+                    component, module = target.split(":", 1)
+                    targets[(Component(component), module)] = tuple(shape)
+        if not targets:
+            raise RequestError(
+                "this engine folder records no LoRA weight map (exported before LoRA support); re-export "
+                "the model with this sd-engine"
+            )
+        return targets
+
+    def _file(self, path: Path) -> tuple[LoraFile, str]:
+        """The parsed file and its addnet hash, re-read when the file changes (size or mtime)."""
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise AdapterError(f"cannot read LoRA {path}: {error.strerror}") from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._files:
+            self._files[key] = (read_lora(path), lora_hash(path))
+        return self._files[key]
+
+
+def _target_key(target: tuple[Component, str]) -> str:
+    return f"{target[0].value}:{target[1]}"
+
+
+def te_key(loras: LoraSet) -> tuple:
+    """What text embeddings depend on besides the prompt: the text-encoder LoRAs."""
+    return loras.key(Component.TEXT_ENCODER)
