@@ -199,7 +199,11 @@ class GenerationRequest:
         if self.is_img2img or self.latents is not None:
             return None
         names = ("width", "height", "steps", "sampler", "guidance_scale", "guidance_rescale", "clip_skip")
-        return (*(getattr(self, name) for name in names), self.loras, frozenset(prompt_networks(self.prompts)))
+        return (
+            *(getattr(self, name) for name in names),
+            self.loras,
+            frozenset(prompt_networks(self.prompts)),
+        )
 
     @staticmethod
     def merge(requests: Sequence[GenerationRequest]) -> GenerationRequest:
