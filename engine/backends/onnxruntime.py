@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -37,7 +37,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from engine.backends.cuda_graph import ShapeKey, shape_key
 from engine.backends.options import CUDA, Device, DeviceKind, Switch, parse_backend_options
-from engine.backends.weights import base_weight, patched_model_bytes, stored_initializers
+from engine.backends.weights import Merge, patched_model_bytes, stored_initializers
 from engine.errors import EngineError, EngineFolderError, MissingDependencyError
 from engine.hashing import graph_content_hash, json_digest
 from engine.machine import machine_fingerprint, physical_cores
@@ -500,7 +500,7 @@ class OnnxRuntimeBackend:
         the optimized-graph cache keeps holding the exported weights only."""
         session = self._session(Path(network_file), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patch)
         graph = self._graph(session, spec, Path(network_file), cache_hit=False)
-        graph.keep_alive = patch  # ONNX Runtime reads external initializers from these OrtValues
+        graph.keep_alive = dict(patch.external)  # ONNX Runtime reads these in place; the bytes were copied
         return graph
 
     def _cuda_options(self) -> dict[str, str]:
@@ -570,26 +570,24 @@ class OrtEngine:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: ref.shape for target, ref in self._chosen(network)[2].items()}
 
-    def base_weight(self, network: Network, target: str) -> np.ndarray:
-        return base_weight(self.engine_dir, self._chosen(network)[2][target])
-
-    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> OrtGraph:
-        if not weights:
+    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> OrtGraph:
+        if not targets:
             return self(network)
         file, _, refs = self._chosen(network)
-        values = stored_initializers(refs, weights)
-        used = {ref.initializer: ref for target, ref in refs.items() if target in weights}
+        values = stored_initializers(self.engine_dir, refs, targets, merge)
+        used = {refs[target].initializer: refs[target] for target in targets}
         inline = {name: ref for name, ref in used.items() if ref.file == file}
-        external = {
-            name: ort.OrtValue.ortvalue_from_numpy(values[name]) for name in used if name not in inline
-        }
         path = self.engine_dir / file
-        model = patched_model_bytes(path, inline, values) if inline else None
-        if model is not None and self.manifest.graphs[network].external_data:
+        if inline and self.manifest.graphs[network].external_data:
             raise EngineFolderError(
                 f"{path}: LoRA weights stored inline in a graph with external data cannot be patched; "
                 "re-export the model"
             )
+        model = patched_model_bytes(path, inline, values) if inline else None
+        external = {
+            name: ort.OrtValue.ortvalue_from_numpy(values[name]) for name in used if name not in inline
+        }
+        del values  # inline values now live in the model bytes; external ones in their OrtValues
         spec = self.manifest.graphs[network].spec
         return self.backend.load_patched(path, spec, Patch(model, external))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
-from engine.backends.weights import base_weight, stored_initializers
+from engine.backends.weights import Merge, stored_initializers
 from engine.errors import BuildError, EngineError, EngineFolderError
 from engine.manifest import Manifest, require_onnx
 from engine.runtime import Graph
@@ -487,19 +487,14 @@ class TrtEngine:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: ref.shape for target, ref in self.manifest.graphs[network].weights.items()}
 
-    def base_weight(self, network: Network, target: str) -> np.ndarray:
-        return base_weight(self.root, self.manifest.graphs[network].weights[target])
-
-    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> Graph:
-        """Refit every loaded plan of the network: ``weights`` in, the exported values back for targets
-        patched before and left out now. EngineError when a plan is not refittable."""
+    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> Graph:
+        """Refit every loaded plan of the network: the merged targets in, the exported values back for
+        targets patched before and left out now. EngineError when a plan is not refittable."""
         refs = self.manifest.graphs[network].weights
-        restore = {
-            t: np.asarray(self.base_weight(network, t))
-            for t in self._patched.get(network, set()) - set(weights)
-        }
-        values = stored_initializers(refs, {**restore, **weights})
+        restore = self._patched.get(network, set()) - set(targets)
+        values = stored_initializers(self.root, refs, targets, merge)
+        values.update(stored_initializers(self.root, refs, restore, lambda _, base: np.asarray(base)))
         for graph in self._loaded.get(network, []):
             graph.refit(values)
-        self._patched[network] = set(weights)
-        return self(network) if network not in self._loaded else self._loaded[network][-1]
+        self._patched[network] = set(targets)
+        return self._loaded[network][-1] if network in self._loaded else self(network)

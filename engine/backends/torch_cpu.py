@@ -13,7 +13,7 @@ call, which :attr:`TorchGraph.compile_s` times. The text encoder and VAE stay ea
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.backends.options import CPU, Device, DeviceKind, parse_backend_options
+from engine.backends.weights import Merge
 from engine.errors import EngineError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.specs import GraphSpec, Network, Precision, check_inputs
@@ -188,24 +189,18 @@ class TorchBackend:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: tuple(m.weight.shape) for target, m in self._modules(network).items()}
 
-    def base_weight(self, network: Network, target: str) -> np.ndarray:
-        weight = self._originals.get(target)
-        if weight is None:
-            weight = self._modules(network)[target].weight
-        return weight.detach().float().cpu().numpy()
-
-    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> TorchGraph:
-        """Write ``weights`` into the shared source modules (the unet and unet_cfg graphs share them) and
-        put back the exported weights of every target of this network they leave out; the originals are
-        kept as exact copies, so a return to no LoRA restores them bit for bit."""
+    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> TorchGraph:
+        """Write the merged weights into the shared source modules (the unet and unet_cfg graphs share
+        them) and put back the exported weights of every target of this network left out; the originals
+        are kept as exact copies, so a return to no LoRA restores them bit for bit."""
         torch = _import_torch()
         modules = self._modules(network)
         with torch.no_grad():
             for target, module in modules.items():
-                if target in weights:
-                    self._originals.setdefault(target, module.weight.detach().clone())
-                    value = torch.from_numpy(np.ascontiguousarray(weights[target]))
-                    module.weight.copy_(value.to(module.weight.dtype))
+                if target in targets:
+                    original = self._originals.setdefault(target, module.weight.detach().clone())
+                    value = merge(target, original.float().cpu().numpy())
+                    module.weight.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(module.weight.dtype))
                 elif target in self._originals:
                     module.weight.copy_(self._originals.pop(target))
         return self.load(network)

@@ -12,7 +12,7 @@ For ONNX files export records where each target's initializer lies (:class:`engi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -36,14 +36,16 @@ class Patchable(Protocol):
         """Every patchable weight of the network's graph: target -> torch-layout shape."""
         ...
 
-    def base_weight(self, network: Network, target: str) -> np.ndarray:
-        """The exported weight of a target, torch layout; read-only, never to be modified."""
+    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> Graph:
+        """The network's graph with each target's weight replaced by ``merge(target, exported weight)``
+        (both torch layout; the exported array is read-only), every other weight as exported; no targets
+        give the exported weights exactly. Merged weights are made and converted one at a time, so
+        at most one full-precision copy of the changed weights exists besides what the graph keeps."""
         ...
 
-    def load_patched(self, network: Network, weights: Mapping[str, np.ndarray]) -> Graph:
-        """The network's graph with ``weights`` (target -> torch-layout array) replacing the exported
-        ones; every other weight as exported. An empty mapping gives the exported weights exactly."""
-        ...
+
+# merge(target, exported weight in torch layout, read-only) -> the new weight in torch layout.
+Merge = Callable[[str, np.ndarray], np.ndarray]
 
 
 def base_weight(engine_dir: Path, ref: WeightRef) -> np.ndarray:
@@ -65,18 +67,23 @@ def base_weight(engine_dir: Path, ref: WeightRef) -> np.ndarray:
     return stored.T if ref.transposed else stored
 
 
+def stored_value(ref: WeightRef, value: np.ndarray) -> np.ndarray:
+    """A torch-layout weight as the graph stores it (transposed or not, its dtype, C-contiguous)."""
+    if tuple(value.shape) != tuple(ref.shape):
+        raise ValueError(f"{ref.initializer}: weight of shape {value.shape}, the graph holds {ref.shape}")
+    return np.ascontiguousarray(value.T if ref.transposed else value, dtype=np.dtype(ref.dtype))
+
+
 def stored_initializers(
-    refs: Mapping[str, WeightRef], weights: Mapping[str, np.ndarray]
+    engine_dir: Path, refs: Mapping[str, WeightRef], targets: Collection[str], merge: Merge
 ) -> dict[str, np.ndarray]:
-    """Initializer name -> value in the graph's layout and dtype (C-contiguous), for torch-layout
-    ``weights`` by target. Raises KeyError for a target the graph does not map (callers check first)."""
+    """Initializer name -> ``merge(target, exported weight)`` in the graph's layout and dtype, for each
+    target, one at a time (the torch-layout result of each is dropped once converted). Raises KeyError
+    for a target the graph does not map (callers check first)."""
     stored = {}
-    for target, value in weights.items():
+    for target in targets:
         ref = refs[target]
-        if tuple(value.shape) != tuple(ref.shape):
-            raise ValueError(f"{target}: weight of shape {value.shape}, the graph holds {ref.shape}")
-        layout = value.T if ref.transposed else value
-        stored[ref.initializer] = np.ascontiguousarray(layout, dtype=np.dtype(ref.dtype))
+        stored[ref.initializer] = stored_value(ref, merge(target, base_weight(engine_dir, ref)))
     return stored
 
 

@@ -34,7 +34,7 @@ from engine.adapters import (
     merge_weight,
     read_lora,
 )
-from engine.backends.weights import Patchable
+from engine.backends.weights import Merge, Patchable
 from engine.errors import RequestError
 from engine.manifest import Manifest
 from engine.runtime import Graph, GraphLoader
@@ -50,7 +50,7 @@ LORA_COMPONENTS = {
     Network.UNET_CFG: Component.UNET,
 }
 LORA_KINDS = ("lora", "lyco")  # A1111 reads LyCORIS's old <lyco:...> tags as LoRAs
-PATCHED_GRAPHS_KEPT = 2  # patched graphs kept per network (ONNX Runtime: each a full session)
+PATCHED_GRAPHS_KEPT = 1  # patched graphs kept per network (ONNX Runtime: each a session of its own)
 SHORT_HASH = 12  # hex digits of A1111's `Lora hashes` entries
 
 
@@ -167,37 +167,40 @@ class LoraRuntime:
         wanted = [n for n in networks if n in LORA_COMPONENTS and loras.key(LORA_COMPONENTS[n])]
         if not wanted and not self._applied:
             return {}
-        if wanted and not isinstance(self.loader, Patchable):
+        return {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
+
+    def _loader(self) -> Patchable:
+        if not isinstance(self.loader, Patchable):
             raise RequestError(
                 "this backend cannot apply LoRAs; use --backend onnxruntime, torch or tensorrt"
             )
-        return {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
+        return self.loader
 
     def _graph(self, network: Network, loras: LoraSet) -> Graph | None:
+        """The network's patched graph (None: its base graph serves). In-place loaders are patched (or
+        restored) only when the network's LoRA key changes; the pipeline keeps using its own graph."""
         component = LORA_COMPONENTS.get(network)
         key = loras.key(component) if component else ()
-        loader = self.loader
-        if not isinstance(loader, Patchable):
-            return None
-        if loader.in_place:  # the pipeline's own graph changes; nothing new to hand back
+        loader = self._loader()
+        if loader.in_place:
             if self._applied.get(network, ()) != key:
-                loader.load_patched(network, self._merged(network, loras) if key else {})
+                targets, merge = self._merge(network, loras) if key else ([], _no_merge)
+                loader.load_patched(network, targets, merge)
                 self._applied[network] = key
             return None
         if not key:
             return None
         kept = self._graphs.setdefault(network, OrderedDict())
         if key not in kept:
-            kept[key] = loader.load_patched(network, self._merged(network, loras))
-            while len(kept) > PATCHED_GRAPHS_KEPT:
+            while len(kept) >= PATCHED_GRAPHS_KEPT:  # make room first: one patched graph less at the peak
                 kept.popitem(last=False)
+            kept[key] = loader.load_patched(network, *self._merge(network, loras))
         kept.move_to_end(key)
         return kept[key]
 
-    def _merged(self, network: Network, loras: LoraSet) -> dict[str, np.ndarray]:
-        """Torch-layout merged weights of every target the LoRAs touch in this network."""
-        loader = self.loader
-        assert isinstance(loader, Patchable)
+    def _merge(self, network: Network, loras: LoraSet) -> tuple[list[str], Merge]:
+        """The targets the LoRAs touch in this network, and the function giving each one's merged
+        weight (torch layout) from the exported one: W + sum of multiplier * delta."""
         component = LORA_COMPONENTS[network]
         parts: dict[str, list] = {}
         for use in loras.uses:
@@ -207,14 +210,14 @@ class LoraRuntime:
             for delta in self._match(use.path).deltas:
                 if delta.target[0] is component:
                     parts.setdefault(_target_key(delta.target), []).append((delta, multiplier))
-        targets = loader.lora_targets(network)
+        targets = self._loader().lora_targets(network)
         missing = [t for t in parts if t not in targets]
         if missing:
             raise RequestError(
                 f"{len(missing)} LoRA weights (e.g. {missing[0]}) have no patchable weight in the "
                 f"{network.value} graph; re-export the model with this sd-engine"
             )
-        return {t: merge_weight(loader.base_weight(network, t), p) for t, p in parts.items()}
+        return list(parts), lambda target, base: merge_weight(base, parts[target])
 
     def _match(self, path: Path) -> LoraMatch:
         """The file's deltas against every patchable target of the engine (cached per file version)."""
@@ -232,8 +235,7 @@ class LoraRuntime:
         return self._matches[digest]
 
     def _all_targets(self) -> dict[tuple[Component, str], tuple[int, ...]]:
-        loader = self.loader
-        assert isinstance(loader, Patchable)
+        loader = self._loader()
         targets: dict[tuple[Component, str], tuple[int, ...]] = {}
         for network in (Network.TEXT_ENCODER, Network.UNET):
             if network in self.manifest.graphs:
@@ -257,6 +259,10 @@ class LoraRuntime:
         if key not in self._files:
             self._files[key] = (read_lora(path), lora_hash(path))
         return self._files[key]
+
+
+def _no_merge(target: str, base: np.ndarray) -> np.ndarray:
+    raise AssertionError(f"no target is merged when LoRAs are switched off ({target})")
 
 
 def _target_key(target: tuple[Component, str]) -> str:

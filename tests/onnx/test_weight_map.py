@@ -67,7 +67,7 @@ def test_patched_graph_equals_a_graph_saved_with_the_new_weights(tmp_path: Path,
         np.testing.assert_array_equal(base_weight(tmp_path, refs[target]), value)
 
     new = {target: value * 1.5 + 0.25 for target, value in weights.items()}
-    values = stored_initializers(refs, new)
+    values = stored_initializers(tmp_path, refs, list(new), lambda target, base: new[target])
     if external:
         patch = Patch(None, {name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in values.items()})
     else:
