@@ -322,7 +322,6 @@ class OrtGraph:
         self.cache_hit = cache_hit
         self.runner = runner
         self.constants: dict[str, np.ndarray] = {}
-        self.keep_alive: object = None  # what the session reads from but does not own (a Patch)
         self._session = session
 
     def bind_constants(self, constants: Mapping[str, np.ndarray]) -> None:
@@ -499,9 +498,9 @@ class OnnxRuntimeBackend:
         """A graph with some initializers replaced (LoRA), optimized afresh and never cached on disk:
         the optimized-graph cache keeps holding the exported weights only."""
         session = self._session(Path(network_file), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patch)
-        graph = self._graph(session, spec, Path(network_file), cache_hit=False)
-        graph.keep_alive = dict(patch.external)  # ONNX Runtime reads these in place; the bytes were copied
-        return graph
+        # ONNX Runtime copies both the model bytes and external initializers into the session (tested in
+        # tests/onnx/test_weight_map.py): the caller's arrays can go as soon as this returns.
+        return self._graph(session, spec, Path(network_file), cache_hit=False)
 
     def _cuda_options(self) -> dict[str, str]:
         """CUDA provider options: the device, and ONNX Runtime's CUDA graph when asked for."""
