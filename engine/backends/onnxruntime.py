@@ -17,6 +17,8 @@ This module imports only numpy, onnxruntime, the standard library and engine mod
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -147,6 +149,36 @@ class Patch:
 
     model: bytes | None = None
     external: Mapping[str, ort.OrtValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PatchedWeights:
+    """A patch made on demand (merging weights costs seconds, so a cache hit skips it) and what
+    identifies it for the cache (None: never cached), e.g. a digest of LoRA file hashes and multipliers."""
+
+    make: Callable[[], Patch]
+    identity: str | None = None
+
+
+# Cached optimized graphs with patched weights kept per network (each is as large as the graph).
+PATCHED_ENTRIES_KEPT = 4
+
+
+def _touch(entry: Path) -> None:
+    """Mark a cache entry as just used (its mtime orders :func:`_prune`)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)
+
+
+def _prune(cache_dir: Path, prefix: str, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used entries named ``prefix*``."""
+    entries = sorted(
+        (path for path in cache_dir.glob(f"{prefix}*") if path.is_dir()),
+        key=lambda path: path.stat().st_mtime,
+        reverse=True,
+    )
+    for stale in entries[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def available_providers() -> list[str]:
@@ -403,19 +435,38 @@ class OnnxRuntimeBackend:
             runner = BoundRunner(session, spec.output_names, device, self.device_id, self.cuda_graph)
         return OrtGraph(session, spec, loaded_from, cache_hit, runner)
 
-    def _load_cached(self, source: Path, spec: GraphSpec, cache_dir: Path, digest: str | None) -> OrtGraph:
-        """Open the cached optimized graph, making it first if absent or damaged; never a stale one."""
+    def _load_cached(
+        self,
+        source: Path,
+        spec: GraphSpec,
+        cache_dir: Path,
+        digest: str | None,
+        patched: PatchedWeights | None = None,
+    ) -> OrtGraph:
+        """Open the cached optimized graph, making it first if absent or damaged; never a stale one.
+
+        patched: the graph with replaced weights (LoRA), cached under its own key (the source's hash and
+        the patch's identity) in an entry named ``<network>-patched-*``, of which the newest
+        :data:`PATCHED_ENTRIES_KEPT` per network are kept; its weights are merged only on a miss."""
         key = self.cache_key(source, digest)
-        entry = cache_dir / f"{spec.network.value}-{key.digest()}"
+        prefix = spec.network.value
+        if patched is not None:
+            key = dataclasses.replace(key, content_hash=json_digest([key.content_hash, patched.identity]))
+            prefix = f"{prefix}-patched"
+        entry = cache_dir / f"{prefix}-{key.digest()}"
         if entry.is_dir() and (session := self._open_entry(entry, key)) is not None:
+            _touch(entry)
             return self._graph(session, spec, entry / CACHED_MODEL, cache_hit=True)
+        patch = patched.make() if patched is not None else None
         # Reopening what was just stored proves it loads here, and every load then runs the same graph.
         if (
-            self._store_optimized(source, entry, key)
+            self._store_optimized(source, entry, key, patch)
             and (session := self._open_entry(entry, key)) is not None
         ):
+            if patched is not None:
+                _prune(cache_dir, f"{prefix}-", PATCHED_ENTRIES_KEPT)
             return self._graph(session, spec, entry / CACHED_MODEL, cache_hit=False)
-        session = self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        session = self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patch)
         return self._graph(session, spec, source, cache_hit=False)
 
     def _open_entry(self, entry: Path, key: CacheKey) -> ort.InferenceSession | None:
@@ -432,7 +483,7 @@ class OnnxRuntimeBackend:
         shutil.rmtree(entry, ignore_errors=True)
         return None
 
-    def _store_optimized(self, source: Path, entry: Path, key: CacheKey) -> bool:
+    def _store_optimized(self, source: Path, entry: Path, key: CacheKey, patch: Patch | None = None) -> bool:
         """Optimize source into a temporary folder, renamed to entry once complete; False if not stored.
 
         The cached .onnx names its data file by a relative path, so the pair moves as one folder.
@@ -446,7 +497,7 @@ class OnnxRuntimeBackend:
             )
             return False
         try:
-            self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save_to=staging)
+            self._session(source, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, save_to=staging, patch=patch)
             _write_sidecar(staging, key, source)
             staging.chmod(0o755)  # mkdtemp's 0700 would hide the entry from services running as other users
             os.rename(staging, entry)
@@ -494,13 +545,25 @@ class OnnxRuntimeBackend:
         except _ORT_ERRORS as error:
             raise _load_error(path, error, self.cuda_graph) from error
 
-    def load_patched(self, network_file: Path, spec: GraphSpec, patch: Patch) -> OrtGraph:
-        """A graph with some initializers replaced (LoRA), optimized afresh and never cached on disk:
-        the optimized-graph cache keeps holding the exported weights only."""
-        session = self._session(Path(network_file), ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patch)
-        # ONNX Runtime copies both the model bytes and external initializers into the session (tested in
-        # tests/onnx/test_weight_map.py): the caller's arrays can go as soon as this returns.
-        return self._graph(session, spec, Path(network_file), cache_hit=False)
+    def load_patched(
+        self,
+        network_file: Path,
+        spec: GraphSpec,
+        patched: PatchedWeights,
+        cache_dir: Path | None = None,
+        content_hash: str | None = None,
+    ) -> OrtGraph:
+        """A graph with some initializers replaced (LoRA). With cache_dir, its optimized form is stored
+        and reused like the exported graph's (keyed on the patch's identity too), so a LoRA set seen
+        before loads in about the time of the base graph, in as much memory; the exported graph's own
+        entry is never touched. ONNX Runtime copies the patch's bytes and arrays into the session."""
+        network_file = Path(network_file)
+        if cache_dir is None or not self.options.cache_optimized or patched.identity is None:
+            session = self._session(
+                network_file, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, patch=patched.make()
+            )
+            return self._graph(session, spec, network_file, cache_hit=False)
+        return self._load_cached(network_file, spec, Path(cache_dir), content_hash, patched)
 
     def _cuda_options(self) -> dict[str, str]:
         """CUDA provider options: the device, and ONNX Runtime's CUDA graph when asked for."""
@@ -569,26 +632,30 @@ class OrtEngine:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: ref.shape for target, ref in self._chosen(network)[2].items()}
 
-    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> OrtGraph:
+    def load_patched(
+        self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
+    ) -> OrtGraph:
         if not targets:
             return self(network)
-        file, _, refs = self._chosen(network)
-        values = stored_initializers(self.engine_dir, refs, targets, merge)
+        file, digest, refs = self._chosen(network)
+        path = self.engine_dir / file
         used = {refs[target].initializer: refs[target] for target in targets}
         inline = {name: ref for name, ref in used.items() if ref.file == file}
-        path = self.engine_dir / file
         if inline and self.manifest.graphs[network].external_data:
             raise EngineFolderError(
                 f"{path}: LoRA weights stored inline in a graph with external data cannot be patched; "
                 "re-export the model"
             )
-        model = patched_model_bytes(path, inline, values) if inline else None
-        external = {
-            name: ort.OrtValue.ortvalue_from_numpy(values[name]) for name in used if name not in inline
-        }
-        del values  # inline values now live in the model bytes; external ones in their OrtValues
+
+        def make() -> Patch:
+            values = stored_initializers(self.engine_dir, refs, targets, merge)
+            model = patched_model_bytes(path, inline, values) if inline else None
+            external = {n: ort.OrtValue.ortvalue_from_numpy(values[n]) for n in used if n not in inline}
+            return Patch(model, external)
+
         spec = self.manifest.graphs[network].spec
-        return self.backend.load_patched(path, spec, Patch(model, external))
+        patched = PatchedWeights(make, identity)
+        return self.backend.load_patched(path, spec, patched, self.cache_dir, digest)
 
 
 def _load_error(path: Path, error: Exception, cuda_graph: bool) -> EngineError:

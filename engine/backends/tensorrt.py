@@ -487,7 +487,9 @@ class TrtEngine:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: ref.shape for target, ref in self.manifest.graphs[network].weights.items()}
 
-    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> Graph:
+    def load_patched(
+        self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
+    ) -> Graph:
         """Refit every loaded plan of the network: the merged targets in, the exported values back for
         targets patched before and left out now. EngineError when a plan is not refittable."""
         refs = self.manifest.graphs[network].weights

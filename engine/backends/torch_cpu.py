@@ -189,7 +189,9 @@ class TorchBackend:
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
         return {target: tuple(m.weight.shape) for target, m in self._modules(network).items()}
 
-    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> TorchGraph:
+    def load_patched(
+        self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
+    ) -> TorchGraph:
         """Write the merged weights into the shared source modules (the unet and unet_cfg graphs share
         them) and put back the exported weights of every target of this network left out; the originals
         are kept as exact copies, so a return to no LoRA restores them bit for bit."""

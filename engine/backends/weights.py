@@ -36,11 +36,15 @@ class Patchable(Protocol):
         """Every patchable weight of the network's graph: target -> torch-layout shape."""
         ...
 
-    def load_patched(self, network: Network, targets: Collection[str], merge: Merge) -> Graph:
+    def load_patched(
+        self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
+    ) -> Graph:
         """The network's graph with each target's weight replaced by ``merge(target, exported weight)``
         (both torch layout; the exported array is read-only), every other weight as exported; no targets
         give the exported weights exactly. Merged weights are made and converted one at a time, so
-        at most one full-precision copy of the changed weights exists besides what the graph keeps."""
+        at most one full-precision copy of the changed weights exists besides what the graph keeps.
+        identity: what determines the merged weights (e.g. LoRA file hashes and multipliers), so a
+        backend may cache the patched graph on it; None: never cached."""
         ...
 
 

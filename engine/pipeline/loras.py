@@ -36,6 +36,7 @@ from engine.adapters import (
 )
 from engine.backends.weights import Merge, Patchable
 from engine.errors import RequestError
+from engine.hashing import json_digest
 from engine.manifest import Manifest
 from engine.runtime import Graph, GraphLoader
 from engine.specs import Network
@@ -194,9 +195,16 @@ class LoraRuntime:
         if key not in kept:
             while len(kept) >= PATCHED_GRAPHS_KEPT:  # make room first: one patched graph less at the peak
                 kept.popitem(last=False)
-            kept[key] = loader.load_patched(network, *self._merge(network, loras))
+            kept[key] = loader.load_patched(
+                network, *self._merge(network, loras), self._identity(component, loras)
+            )
         kept.move_to_end(key)
         return kept[key]
+
+    def _identity(self, component: Component, loras: LoraSet) -> str:
+        """What a component's merged weights depend on: each LoRA's content hash and multiplier."""
+        uses = [(self._file(use.path)[1], use.multiplier(component)) for use in loras.uses]
+        return json_digest(["sd-engine-lora-1", [use for use in uses if use[1]]])
 
     def _merge(self, network: Network, loras: LoraSet) -> tuple[list[str], Merge]:
         """The targets the LoRAs touch in this network, and the function giving each one's merged
