@@ -81,9 +81,9 @@ def run(args: argparse.Namespace) -> dict:
         plan = [
             ("none (warm-up)", ""),
             ("A first use", "<lora:style_a:0.8>"),
-            ("A cached", "<lora:style_a:0.8>"),
+            ("A again (in memory)", "<lora:style_a:0.8>"),
             ("B first use", "<lora:style_b:0.8>"),
-            ("A cached after B", "<lora:style_a:0.8>"),
+            ("A again after B (disk cache)", "<lora:style_a:0.8>"),
             ("none (base)", ""),
         ]
         rows, base = [], None

@@ -14,6 +14,7 @@ patch the one loaded graph in place, restoring exported weights the new set does
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections import OrderedDict
@@ -163,12 +164,18 @@ class LoraRuntime:
     # -- graphs ---------------------------------------------------------------------------------
 
     def graphs(self, loras: LoraSet, networks: Sequence[Network]) -> dict[Network, Graph]:
-        """Patched graphs of the networks ``loras`` changes; a network it leaves alone is not in the
-        result (the caller uses its base graph). RequestError for a backend that cannot patch."""
+        """Patched graphs of the ``networks`` a request runs that ``loras`` changes; a network left
+        alone is not in the result (the caller uses its base graph). A loader that patches in place
+        (its graphs may share weights, as torch's unet and unet_cfg do) is brought to ``loras`` on
+        every LoRA network of the engine. RequestError for a backend that cannot patch."""
         wanted = [n for n in networks if n in LORA_COMPONENTS and loras.key(LORA_COMPONENTS[n])]
         if not wanted and not self._applied:
             return {}
-        return {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
+        if self._loader().in_place:
+            networks = [n for n in LORA_COMPONENTS if n in self.manifest.graphs]
+        graphs = {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
+        release_freed_memory()
+        return graphs
 
     def _loader(self) -> Patchable:
         if not isinstance(self.loader, Patchable):
@@ -267,6 +274,16 @@ class LoraRuntime:
         if key not in self._files:
             self._files[key] = (read_lora(path), lora_hash(path))
         return self._files[key]
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by dropped sessions and merged weights back to the OS (glibc's malloc_trim;
+    nothing elsewhere): a switch frees gigabytes that the allocator would otherwise keep."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 def _no_merge(target: str, base: np.ndarray) -> np.ndarray:

@@ -208,11 +208,9 @@ class Pipeline:
         """Switch the text encoder and UNet graphs to the request's LoRAs (prompt tags and ``loras``);
         the exported graphs when it has none. RequestError / AdapterError for unknown or unfit LoRAs."""
         loras = self.loras.resolve(request.prompts, request.loras)
-        networks = [
-            n for n in (Network.TEXT_ENCODER, Network.UNET, Network.UNET_CFG) if n in self.manifest.graphs
-        ]
-        self._patched = {}
-        self._patched = self.loras.graphs(loras, networks)
+        unet = Network.UNET_CFG if self.uses_fused_cfg(request) else Network.UNET
+        self._patched = {}  # the previous request's patched graphs may be dropped while switching
+        self._patched = self.loras.graphs(loras, [Network.TEXT_ENCODER, unet])
         return loras
 
     def encode_text(self, texts: Sequence[str], clip_skip: int, weights_key: Hashable = ()) -> np.ndarray:
