@@ -126,7 +126,7 @@ def table(report: dict) -> str:
     )
     lines = []
     for row in report["rows"]:
-        ratio = f"{export_s / row['lora_s']:.0f}x faster" if export_s and row["lora_s"] > 0.001 else ""
+        ratio = f"{export_s / row['lora_s']:.0f}x faster" if export_s and row["lora_s"] > 0.05 else ""
         lines.append(
             f"| {row['step']} | {row['lora_s']:.2f} | {row['generate_s']:.2f} | "
             f"{row['VmRSS'] / 2**20:.2f} | {row['VmHWM'] / 2**20:.2f} | {ratio} |"
