@@ -152,8 +152,12 @@ class TorchBackend:
         self.specs = specs
         self.device = device
         self.compile_mode = compile_mode
-        self._lora_modules: dict[Network, dict[str, Any]] = {}
-        self._originals: dict[str, Any] = {}  # target -> exported weight (a torch tensor copy)
+        self.weights = InPlaceWeights(self._lora_modules)
+
+    def _lora_modules(self, network: Network) -> dict[str, Any]:
+        from engine.models.torch_modules import lora_modules
+
+        return lora_modules(self.source.wrapper(network))
 
     @classmethod
     def from_manifest(
@@ -179,33 +183,53 @@ class TorchBackend:
 
     in_place = True
 
-    def _modules(self, network: Network) -> dict[str, Any]:
-        if network not in self._lora_modules:
-            from engine.models.torch_modules import lora_modules
-
-            self._lora_modules[network] = lora_modules(self.source.wrapper(network))
-        return self._lora_modules[network]
-
     def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
-        return {target: tuple(m.weight.shape) for target, m in self._modules(network).items()}
+        return self.weights.targets(network)
 
     def load_patched(
         self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
     ) -> TorchGraph:
-        """Write the merged weights into the shared source modules (the unet and unet_cfg graphs share
-        them) and put back the exported weights of every target of this network left out; the originals
-        are kept as exact copies, so a return to no LoRA restores them bit for bit."""
+        """Write the merged weights into the shared source modules (see :class:`InPlaceWeights`)."""
+        self.weights.apply(network, targets, merge)
+        return self.load(network)
+
+
+class InPlaceWeights:
+    """LoRA weights written into torch modules in place, for the torch backends.
+
+    ``modules_of(network)`` gives the network's Linear / Conv2d modules by target (see
+    :func:`engine.models.torch_modules.lora_modules`); networks may share modules (the unet and
+    unet_cfg graphs do). The exported weight of every target ever patched is kept as an exact copy, so
+    a target left out of a later patch, or a return to no LoRA, gets it back bit for bit.
+    """
+
+    def __init__(self, modules_of: Callable[[Network], Mapping[str, Any]]) -> None:
+        self._modules_of = modules_of
+        self._modules: dict[Network, Mapping[str, Any]] = {}
+        self._originals: dict[str, Any] = {}  # target -> exported weight (a torch tensor copy)
+
+    def modules(self, network: Network) -> Mapping[str, Any]:
+        if network not in self._modules:
+            self._modules[network] = self._modules_of(network)
+        return self._modules[network]
+
+    def targets(self, network: Network) -> dict[str, tuple[int, ...]]:
+        return {target: tuple(m.weight.shape) for target, m in self.modules(network).items()}
+
+    def apply(self, network: Network, targets: Collection[str], merge: Merge) -> None:
+        """Targets get ``merge(target, exported weight as float32 NumPy)``; other targets of the network
+        that were patched before get their exported weight back."""
         torch = _import_torch()
-        modules = self._modules(network)
         with torch.no_grad():
-            for target, module in modules.items():
+            for target, module in self.modules(network).items():
                 if target in targets:
                     original = self._originals.setdefault(target, module.weight.detach().clone())
-                    value = merge(target, original.float().cpu().numpy())
-                    module.weight.copy_(torch.from_numpy(np.ascontiguousarray(value)).to(module.weight.dtype))
+                    value = torch.from_numpy(
+                        np.ascontiguousarray(merge(target, original.float().cpu().numpy()))
+                    )
+                    module.weight.copy_(value.to(device=module.weight.device, dtype=module.weight.dtype))
                 elif target in self._originals:
                     module.weight.copy_(self._originals.pop(target))
-        return self.load(network)
 
 
 @dataclass(frozen=True)

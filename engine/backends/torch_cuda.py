@@ -27,7 +27,7 @@ torch is imported inside functions: this module imports without it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ import numpy as np
 
 from engine.backends.cuda_graph import CudaGraphRunner, GuardedGraph, graph_providers
 from engine.backends.options import CUDA, Device, Switch, parse_backend_options
-from engine.backends.torch_cpu import FirstCallClock, check_compile_options, compile_module
+from engine.backends.torch_cpu import FirstCallClock, InPlaceWeights, check_compile_options, compile_module
+from engine.backends.weights import Merge
 from engine.errors import EngineFolderError, MissingDependencyError
 from engine.manifest import Manifest
 from engine.runtime import Graph
@@ -309,48 +310,87 @@ def network_module(source: Any, spec: GraphSpec, device: Device, precision: Prec
     return cast_boundary(wrapper, getattr(torch, TORCH_DTYPES[precision]), keep).to(str(device))
 
 
-def open_engine(
-    engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]
-) -> Callable[[Network], Graph]:
+def open_engine(engine_dir: Path, manifest: Manifest, options: Mapping[str, Any]) -> TorchCudaEngine:
     """A loader of the manifest's source networks on the GPU (options: see :class:`TorchCudaOptions`)."""
     opts = parse_backend_options(TorchCudaOptions, options, "torch-cuda")
     import_cuda_torch()
     from engine.models.torch_modules import load_source_from_manifest
 
-    source = load_source_from_manifest(manifest)
-    capture = Switch.of(opts.cuda_graph).resolve(True)
-    unets: dict[str, Any] = {}  # the unet and unet_cfg graphs share one module (and its weights)
+    return TorchCudaEngine(manifest, load_source_from_manifest(manifest), opts)
 
-    def unet_module() -> Any:
-        if "unet" not in unets:
-            spec = manifest.graphs[Network.UNET].spec
-            unets["unet"] = network_module(source, spec, opts.device, opts.precision)
-        return unets["unet"]
 
-    def vae(spec: GraphSpec) -> Graph:
+class TorchCudaEngine:
+    """Loads the source networks on the GPU; patchable in place (see
+    :class:`engine.backends.weights.Patchable`): LoRA weights are copied into the modules' own storage,
+    and the graphs of a patched network drop their captured CUDA graphs (captured again next run)."""
+
+    in_place = True
+
+    def __init__(self, manifest: Manifest, source: Any, options: TorchCudaOptions) -> None:
+        self.manifest, self.source, self.options = manifest, source, options
+        self.capture = Switch.of(options.cuda_graph).resolve(True)
+        self._unet: Any = None  # the unet and unet_cfg graphs share one module (and its weights)
+        self._modules: dict[Network, Any] = {}
+        self._graphs: dict[Network, list[TorchCudaGraph]] = {}
+        self.weights = InPlaceWeights(self._lora_modules)
+
+    def _unet_module(self) -> Any:
+        if self._unet is None:
+            spec = self.manifest.graphs[Network.UNET].spec
+            self._unet = network_module(self.source, spec, self.options.device, self.options.precision)
+        return self._unet
+
+    def _vae(self, spec: GraphSpec) -> Graph:
+        opts = self.options
         fp32 = TorchCudaGraph(
-            spec, network_module(source, spec, opts.device, Precision.FP32), opts, Precision.FP32, False
+            spec, network_module(self.source, spec, opts.device, Precision.FP32), opts, Precision.FP32, False
         )
         if opts.vae_precision is Precision.FP32:
             return fp32
-        low = network_module(source, spec, opts.device, opts.vae_precision)
+        low = network_module(self.source, spec, opts.device, opts.vae_precision)
         graph = TorchCudaGraph(spec, low, opts, opts.vae_precision, False)
         return GuardedGraph(graph, fp32) if opts.vae_precision is Precision.FP16 else graph
 
-    def load(network: Network) -> Graph:
-        if network not in manifest.graphs:
+    def __call__(self, network: Network) -> Graph:
+        if network not in self.manifest.graphs:
             raise EngineFolderError(f"the engine folder has no {network.value} graph")
-        spec = manifest.graphs[network].spec
+        spec, opts = self.manifest.graphs[network].spec, self.options
+        if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
+            return self._vae(spec)
         if network is Network.UNET:
-            return TorchCudaGraph(spec, unet_module(), opts, opts.precision, capture, opts.compile)
-        if network is Network.UNET_CFG:
+            graph = TorchCudaGraph(
+                spec, self._unet_module(), opts, opts.precision, self.capture, opts.compile
+            )
+        elif network is Network.UNET_CFG:
             from engine.models.torch_modules import GuidedUNet
 
-            guided = GuidedUNet(unet_module()).eval()
-            return TorchCudaGraph(spec, guided, opts, opts.precision, capture, opts.compile)
-        if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
-            return vae(spec)
-        module = network_module(source, spec, opts.device, opts.precision)
-        return TorchCudaGraph(spec, module, opts, opts.precision, False)
+            guided = GuidedUNet(self._unet_module()).eval()
+            graph = TorchCudaGraph(spec, guided, opts, opts.precision, self.capture, opts.compile)
+        else:
+            module = self._modules.setdefault(
+                network, network_module(self.source, spec, opts.device, opts.precision)
+            )
+            graph = TorchCudaGraph(spec, module, opts, opts.precision, False)
+        self._graphs.setdefault(network, []).append(graph)
+        return graph
 
-    return load
+    def _lora_modules(self, network: Network) -> dict[str, Any]:
+        from engine.models.torch_modules import lora_modules
+
+        if network in (Network.UNET, Network.UNET_CFG):
+            return lora_modules(self._unet_module())
+        if network not in self._modules:
+            self(network)
+        return lora_modules(self._modules[network])
+
+    def lora_targets(self, network: Network) -> dict[str, tuple[int, ...]]:
+        return self.weights.targets(network)
+
+    def load_patched(
+        self, network: Network, targets: Collection[str], merge: Merge, identity: str | None = None
+    ) -> Graph:
+        self.weights.apply(network, targets, merge)
+        for graph in self._graphs.get(network, []):
+            graph.reset()  # the captured graph would replay the same kernels; recapture to be safe
+        graphs = self._graphs.get(network)
+        return graphs[-1] if graphs else self(network)
