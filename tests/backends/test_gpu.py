@@ -646,6 +646,28 @@ def test_torch_cuda_pipeline_matches_the_cpu_reference(
     assert pipe.graph(Network.UNET_CFG).runner.stats.replays >= SETTINGS["steps"]  # fused guidance
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_cuda_applies_a_lora_in_place_and_restores_it(tiny_torch_engine: Path, tmp_path: Path) -> None:
+    """A LoRA tag on torch-cuda (fp32): the image follows the torch CPU reference with the same LoRA, and
+    back without it the base image returns exactly (exported weights kept, CUDA graphs recaptured)."""
+    from engine.adapters import Component
+    from engine.pipeline import Pipeline
+    from tests.adapters.lora_files import write_kohya_lora
+
+    cpu = Pipeline.load(tiny_torch_engine, backend="torch", lora_dir=tmp_path)
+    targets = cpu.loras._loader().lora_targets(Network.UNET)
+    attention = {(Component.UNET, t.split(":", 1)[1]): shape for t, shape in targets.items() if ".attn" in t}
+    write_kohya_lora(tmp_path / "style.safetensors", attention, rank=4, seed=5)
+    gpu = Pipeline.load(tiny_torch_engine, backend="torch-cuda", lora_dir=tmp_path, precision="fp32")
+    base = np.asarray(gpu.generate("a lighthouse", **SETTINGS).images[0])
+    for _ in range(2):
+        ours = gpu.generate("a lighthouse <lora:style:0.8>", **SETTINGS).images[0]
+        want = cpu.generate("a lighthouse <lora:style:0.8>", **SETTINGS).images[0]
+        assert psnr(want, ours, peak=255) >= 30
+    np.testing.assert_array_equal(np.asarray(gpu.generate("a lighthouse", **SETTINGS).images[0]), base)
+
+
 # -- TensorRT -----------------------------------------------------------------------------------
 
 
