@@ -15,9 +15,10 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from engine.manifest import Manifest
@@ -32,13 +33,15 @@ class EngineIdentity:
 
     ``digest``: sha256 (hex) over the source model's hash, every graph's content hash, the scheduler
     config and the backend name. ``vae_scale_factor``: sizes must be multiples of it (checked up front).
+    ``loras``: the LoRA files prompts' tags name (see :class:`LoraFingerprint`); None without a lora_dir.
     """
 
     digest: str
     vae_scale_factor: int
+    loras: LoraFingerprint | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, manifest: Manifest, backend: str) -> EngineIdentity:
+    def of(cls, manifest: Manifest, backend: str, lora_dir: Path | None = None) -> EngineIdentity:
         graphs = {network.value: entry.sha256 for network, entry in sorted(manifest.graphs.items())}
         content = {
             "source": manifest.source.get("sha256"),
@@ -47,7 +50,37 @@ class EngineIdentity:
             "backend": str(backend),
         }
         digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-        return cls(digest, manifest.dims.vae_scale_factor)
+        return cls(digest, manifest.dims.vae_scale_factor, LoraFingerprint(lora_dir) if lora_dir else None)
+
+
+class LoraFingerprint:
+    """What a prompt's ``<lora:NAME>`` tags resolve to in a LoRA folder: NAME -> the file's content
+    (addnet) hash, "missing" when no file has that name, as canonical JSON ("" for a prompt without
+    tags). Part of an item's key, so replacing a LoRA file renders its images again. Hashes are cached
+    per file version (path, size, mtime) for the life of the object (one plan)."""
+
+    def __init__(self, lora_dir: Path) -> None:
+        self.lora_dir = Path(lora_dir)
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, prompts: Sequence[str]) -> str:
+        from engine.adapters import AdapterError, find_lora, lora_hash
+        from engine.text.prompt import extract_extra_networks
+
+        names = sorted({tag.name for prompt in prompts for tag in extract_extra_networks(prompt)[1]})
+        found: dict[str, str] = {}
+        for name in names:
+            try:
+                path = find_lora(name, self.lora_dir)
+                stat = path.stat()
+            except (AdapterError, OSError):
+                found[name] = "missing"
+                continue
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = lora_hash(path)
+            found[name] = self._hashes[key]
+        return json.dumps(found, sort_keys=True) if found else ""
 
 
 @dataclass(frozen=True)
@@ -100,9 +133,11 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def item_key(identity: EngineIdentity, request_json: str) -> str:
-    """Hex sha256 of the engine identity and a one-image request's canonical JSON."""
-    return hashlib.sha256(f"{identity.digest}\n{request_json}".encode()).hexdigest()
+def item_key(identity: EngineIdentity, request_json: str, loras: str = "") -> str:
+    """Hex sha256 of the engine identity, a one-image request's canonical JSON and, when its prompt
+    names LoRAs, their files' hashes (see :class:`LoraFingerprint`)."""
+    tail = f"\n{loras}" if loras else ""
+    return hashlib.sha256(f"{identity.digest}\n{request_json}{tail}".encode()).hexdigest()
 
 
 def slug(text: str, limit: int = SLUG_CHARS) -> str:

@@ -295,7 +295,8 @@ def _row_items(
 def _item(row: _Row, image: int, request: GenerationRequest, identity: EngineIdentity) -> WorkItem:
     request_json = canonical_json(request.to_json())
     name = file_name(row.label, image, request.prompts[0], request.seed)
-    return WorkItem(item_key(identity, request_json), name, row.label, row.line, image, request_json)
+    loras = identity.loras(request.prompts) if identity.loras is not None else ""
+    return WorkItem(item_key(identity, request_json, loras), name, row.label, row.line, image, request_json)
 
 
 def _combinations(

@@ -146,7 +146,9 @@ def preview(job: RenderJob) -> Preview:
     """Plan the render and compare it with OUT_DIR, writing nothing (no seeds stored, no ledger
     created or repaired). Raises what :func:`render` raises for an unusable jobs file or engine."""
     out_dir = job.settings.out_dir
-    identity = EngineIdentity.of(read_manifest(job.settings.engine_dir), job.settings.backend)
+    identity = EngineIdentity.of(
+        read_manifest(job.settings.engine_dir), job.settings.backend, job.settings.lora_dir
+    )
     present = out_dir.is_dir()
     plan = plan_jobs(job.jobs, job.matrix, identity, read_seeds(out_dir) if present else {})
     done = copies = 0
@@ -164,7 +166,9 @@ def preview(job: RenderJob) -> Preview:
 def _plan(job: RenderJob) -> Plan:
     """The work items, with the random seeds stored before any image uses them."""
     out_dir = job.settings.out_dir
-    identity = EngineIdentity.of(read_manifest(job.settings.engine_dir), job.settings.backend)
+    identity = EngineIdentity.of(
+        read_manifest(job.settings.engine_dir), job.settings.backend, job.settings.lora_dir
+    )
     stored = read_seeds(out_dir)
     plan = plan_jobs(job.jobs, job.matrix, identity, stored)
     if plan.seeds != stored:

@@ -126,14 +126,25 @@ def build_request(args: argparse.Namespace, is_default: bool) -> GenerationReque
     )
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``--lora FILE[:WEIGHT]`` as (file or name, weight); WEIGHT defaults to 1 (both multipliers).
-    The text after the last colon is the weight only when it is a number, so paths may hold colons."""
-    name, _, weight = text.rpartition(":")
-    try:
-        return (name, float(weight)) if name else (text, 1.0)
-    except ValueError:
-        return text, 1.0
+def parse_lora_arg(text: str) -> tuple[str, float, float]:
+    """``--lora FILE[:WEIGHT[:UNET_WEIGHT]]`` as (file or name, text-encoder weight, UNet weight); WEIGHT
+    defaults to 1 for both. Trailing ``:number`` parts are weights, so paths may hold colons; a trailing
+    part that is not a number is an EngineError naming it."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    name = ":".join(parts)
+    if len(parts) > 1 and not Path(name).exists() and not numbers:
+        raise EngineError(
+            f"--lora {text}: {parts[-1]!r} is not a number (--lora FILE[:WEIGHT[:UNET_WEIGHT]])"
+        )
+    te = numbers[0] if numbers else 1.0
+    return name, te, numbers[1] if len(numbers) > 1 else te
 
 
 def save_images(result: Any, output: Path) -> list[Path]:
@@ -217,8 +228,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--lora",
         action="append",
         metavar="FILE[:WEIGHT]",
-        help="apply a LoRA / LyCORIS .safetensors file (or a name in --lora-dir) at WEIGHT (default 1); "
-        "repeatable; prompts may also hold A1111 tags <lora:NAME:WEIGHT>",
+        help="apply a LoRA / LyCORIS .safetensors file (or a name in --lora-dir) at WEIGHT (default 1; "
+        "FILE:TE:UNET for separate text-encoder and UNet weights); repeatable; prompts may also hold "
+        "A1111 tags <lora:NAME:WEIGHT>",
     )
     cmd.add_argument(
         "--lora-dir", type=Path, metavar="DIR", help="where <lora:NAME> tags and --lora names find files"

@@ -136,6 +136,17 @@ class LoraRuntime:
             merged[path] = LoraUse(old.name if old else name, path, *total)
         return LoraSet(tuple(merged.values()))
 
+    def tags(self, extra: Sequence[tuple[str, float, float]]) -> str:
+        """A1111 tags for LoRAs given outside the prompt (``loras=``, ``--lora``), for the infotext's prompt
+        so it reproduces the image: ``<lora:NAME:W>`` or ``<lora:NAME:TE:UNET>`` (NAME: the file stem for
+        a path)."""
+        tags = []
+        for name, te, unet in extra:
+            label = Path(os.path.expanduser(name)).stem if self.is_path(name) else name
+            weights = f"{te:g}" if te == unet else f"{te:g}:{unet:g}"
+            tags.append(f"<lora:{label}:{weights}>")
+        return " ".join(tags)
+
     @staticmethod
     def is_path(name: str) -> bool:
         """Whether a ``loras`` entry names a file by path (it has a suffix and the file exists)."""
@@ -143,8 +154,14 @@ class LoraRuntime:
         return bool(candidate.suffix) and candidate.is_file()
 
     def find(self, name: str) -> Path:
-        """A LoRA file by path, or by name in lora_dir (RequestError when there is neither)."""
-        return Path(os.path.expanduser(name)).resolve() if self.is_path(name) else self.find_name(name)
+        """A LoRA file by path, or by name in lora_dir (RequestError when there is neither; a name that
+        looks like a path, with a folder or a .safetensors suffix, and is no file says so)."""
+        if self.is_path(name):
+            return Path(os.path.expanduser(name)).resolve()
+        looks_like_path = os.sep in name or name.lower().endswith(".safetensors")
+        if looks_like_path and (self.lora_dir is None or os.sep in name):
+            raise RequestError(f"LoRA file not found: {name}")
+        return self.find_name(name)
 
     def find_name(self, name: str) -> Path:
         """A LoRA file by file stem or alias in lora_dir (RequestError without a lora_dir or a match)."""

@@ -187,7 +187,7 @@ class Pipeline:
         results, first = [], 0
         for part in parts:
             end = first + part.num_images
-            params = {**self.parameters(part), "lora_hashes": self.loras.hashes(loras)}
+            params = self.result_parameters(part, loras)
             part_latents = latents[first:end]
             results.append(
                 GenerationResult(images[first:end], part.seeds, params, timings, part_latents, done)
@@ -316,6 +316,17 @@ class Pipeline:
         check_finite("latents after denoising", {"latents": scaled}, "the sampler's steps overflowed")
         decoder = self.graph(Network.VAE_DECODER)
         return finite_outputs(decoder, decoder.run({"latent": scaled}))["image"]
+
+    def result_parameters(self, request: GenerationRequest, loras: LoraSet) -> dict[str, Any]:
+        """:meth:`parameters` plus A1111's ``Lora hashes``; LoRAs given outside the prompt (``loras``)
+        are added to the recorded prompt as tags, so pasting the infotext reproduces the image."""
+        params = {**self.parameters(request), "lora_hashes": self.loras.hashes(loras)}
+        if request.loras:
+            tags = self.loras.tags(request.loras)
+            prompts = params["prompt"] if isinstance(params["prompt"], list) else [params["prompt"]]
+            shown = [f"{prompt} {tags}" for prompt in prompts]
+            params["prompt"] = shown if isinstance(params["prompt"], list) else shown[0]
+        return params
 
     @property
     def model_name(self) -> str:

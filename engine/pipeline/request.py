@@ -27,6 +27,7 @@ MAX_SIDE = 4096
 RANDOM_SEED = -1  # A1111: -1 (or None) asks for a random seed, chosen and recorded when the request is built
 
 # Integer settings and their inclusive ranges; numbers as (low, high, low_inclusive).
+MAX_LORA_MULTIPLIER = 10.0  # beyond it a LoRA's weights overflow into NaN images; A1111 users stay within 2
 MAX_CLIP_SKIP = 12  # A1111's range: 1 (last layer) .. 12 (CLIP ViT-L's first layer)
 _INTEGERS = {
     "steps": (1, 1000),
@@ -111,7 +112,7 @@ class GenerationRequest:
         set_field(self, "prompts", tuple(self.prompts))
         set_field(self, "negative_prompts", tuple(self.negative_prompts))
         set_field(self, "loras", lora_triples(self.loras))
-        prompt_networks(self.prompts)  # a malformed <lora:...> tag is refused here, never later in a worker
+        _check_tags(prompt_networks(self.prompts))  # a malformed tag is refused here, never in a worker
         for name in _INTEGERS:
             set_field(self, name, int(getattr(self, name)))
         if self.latents is not None:
@@ -262,14 +263,24 @@ def lora_triples(value: Any) -> tuple[tuple[str, float, float], ...]:
         if not ok:
             raise RequestError(
                 f"loras entry {item!r} must be a LoRA name with a multiplier or (text encoder, UNet) "
-                "multipliers"
+                f"multipliers, numbers within -{MAX_LORA_MULTIPLIER:g}..{MAX_LORA_MULTIPLIER:g}"
             )
         triples.append((parts[0], float(parts[1]), float(parts[2])))
     return tuple(triples)
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+    """A LoRA multiplier: a number within +-MAX_LORA_MULTIPLIER (beyond it the weights overflow)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+    return number and abs(value) <= MAX_LORA_MULTIPLIER
+
+
+def _check_tags(networks: Sequence[Sequence[Any]]) -> None:
+    """RequestError for a prompt tag's multiplier outside +-MAX_LORA_MULTIPLIER."""
+    for tag in (tag for tags in networks for tag in tags):
+        if not all(abs(m) <= MAX_LORA_MULTIPLIER for m in tag.multipliers):
+            bound = f"{MAX_LORA_MULTIPLIER:g}"
+            raise RequestError(f"{tag.text}: LoRA multipliers must be within -{bound}..{bound}")
 
 
 def prompt_networks(prompts: Sequence[str]) -> tuple[Any, ...]:

@@ -115,8 +115,8 @@ def test_lora_option_and_prompt_tag_equal_the_pipeline(
     assert err == ""
     pixels, info = _png(by_file)
     np.testing.assert_array_equal(pixels, expected)
-    assert info["Prompt"] == PROMPT
-    assert _short_hash(lora_dir) in info["Lora hashes"]
+    assert info["Prompt"] == tagged  # --lora is recorded as a tag, so the infotext replays it
+    assert info["Lora hashes"] == f"{LORA_NAME}: {_short_hash(lora_dir)}"  # named by the file's stem
 
     by_tag = tmp_path / "tag.png"
     code, _, err = _generate(
@@ -144,7 +144,9 @@ def test_lora_without_a_weight_means_one(
     assert code == 0, err
     pixels, info = _png(out)
     np.testing.assert_array_equal(pixels, expected)
-    assert info["Prompt"] == PROMPT and _short_hash(lora_dir) in info["Lora hashes"]
+    assert (
+        info["Prompt"] == f"{PROMPT} <lora:{LORA_ALIAS}:1>" and _short_hash(lora_dir) in info["Lora hashes"]
+    )
 
 
 # -- one-line errors -----------------------------------------------------------------------------------
@@ -197,3 +199,65 @@ def test_render_applies_prompt_tags_with_lora_dir(
     assert main(["render", str(jobs), str(tmp_path / "o2"), "--engine", str(tiny_engine),
                  "--lora-dir", str(tmp_path / "none")]) == 1  # fmt: skip
     assert "--lora-dir" in capsys.readouterr().err
+
+
+def test_render_renders_again_when_a_lora_file_changes(
+    capsys: pytest.CaptureFixture[str], tiny_engine: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    """An item's key includes its LoRA files' content hashes: a replaced file is not "already done"."""
+    import shutil
+
+    folder = tmp_path / "loras"
+    shutil.copytree(lora_dir, folder)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(f"{PROMPT} <lora:{LORA_NAME}:0.8>\n", encoding="utf-8")
+    argv = [
+        "render",
+        str(jobs),
+        str(tmp_path / "out"),
+        "--engine",
+        str(tiny_engine),
+        "--lora-dir",
+        str(folder),
+    ]
+    argv += ["--seeds", str(SEED), "--steps", "2", "--size", "64x64", "--no-review"]
+    assert main(argv) == 0
+    (png,) = sorted((tmp_path / "out").glob("*.png"))
+    before = np.asarray(Image.open(png).convert("RGB"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "1 already done" in "".join(capsys.readouterr())  # nothing changed: nothing to render
+    path = folder / LORA_FILE
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(64)  # other LoRA weights under the same name: a replaced file
+    path.write_bytes(bytes(data))
+    assert main(argv) == 0
+    assert "1 already done" not in "".join(capsys.readouterr())
+    after = np.asarray(Image.open(png).convert("RGB"))
+    assert not np.array_equal(before, after)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("a.safetensors", ("a.safetensors", 1.0, 1.0)),
+        ("a.safetensors:0.5", ("a.safetensors", 0.5, 0.5)),
+        ("a.safetensors:0.5:-1", ("a.safetensors", 0.5, -1.0)),
+        ("name", ("name", 1.0, 1.0)),
+    ],
+)
+def test_lora_option_parsing(text: str, parsed: tuple[str, float, float]) -> None:
+    from engine.commands.generate import parse_lora_arg
+
+    assert parse_lora_arg(text) == parsed
+
+
+def test_lora_option_with_a_bad_weight_is_one_line(
+    capsys: pytest.CaptureFixture[str], tiny_engine: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "x.png"
+    code = main(
+        ["generate", str(tiny_engine), PROMPT, "--lora", "style.safetensors:abc", "-o", str(out), *SMALL_ARGS]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "'abc' is not a number" in err and err.count("\n") == 1 and not out.exists()

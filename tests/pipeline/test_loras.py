@@ -149,6 +149,8 @@ def test_loras_argument_paths_and_multipliers(pipe: Pipeline, lora_dir: Path) ->
         (f"{PROMPT} <lora:sdxl_thing:1>", AdapterError, "SDXL"),
         (f"{PROMPT} <hypernet:thing:1>", RequestError, "hypernet"),
         (f"{PROMPT} <lora:kohya_style:1:2:3>", RequestError, "at most two"),
+        (f"{PROMPT} <lora:kohya_style:1e30>", RequestError, "within -10..10"),
+        (f"{PROMPT} <lora:/etc/passwd>", RequestError, "/etc/passwd"),  # tags never reach files elsewhere
     ],
 )
 def test_bad_loras_are_one_line_errors(pipe: Pipeline, prompt: str, error: type, words: str) -> None:
@@ -156,6 +158,17 @@ def test_bad_loras_are_one_line_errors(pipe: Pipeline, prompt: str, error: type,
         pipe.generate(prompt, **SETTINGS)
     message = str(raised.value)
     assert words in message and "\n" not in message
+
+
+def test_loras_argument_shows_in_the_infotext_as_tags(pipe: Pipeline, lora_dir: Path) -> None:
+    path = lora_dir / "kohya_style.safetensors"
+    result = pipe.generate(PROMPT, loras={str(path): (0.5, 0.8), "other": 0.3}, **SETTINGS)
+    first_line = result.infotext(0).splitlines()[0]
+    assert first_line == f"{PROMPT} <lora:kohya_style:0.5:0.8> <lora:other:0.3>"
+    with pytest.raises(RequestError, match="LoRA file not found"):
+        pipe.generate(PROMPT, loras={str(lora_dir / "gone.safetensors"): 1}, **SETTINGS)
+    with pytest.raises(RequestError, match=r"within -10\.\.10"):
+        pipe.generate(PROMPT, loras={"other": 11}, **SETTINGS)
 
 
 def test_a_tag_without_lora_dir_says_so(tiny_engine: Path) -> None:
