@@ -36,7 +36,6 @@ from engine.adapters import (
     read_lora,
 )
 from engine.backends.weights import Merge, Patchable
-from engine.errors import RequestError
 from engine.hashing import json_digest
 from engine.manifest import Manifest
 from engine.runtime import Graph, GraphLoader
@@ -83,11 +82,11 @@ class LoraSet:
 
 
 def tag_triples(prompts: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
-    """The (name, te, unet) of every ``<lora:...>`` tag of the prompts; RequestError when prompts of one
+    """The (name, te, unet) of every ``<lora:...>`` tag of the prompts; AdapterError when prompts of one
     request name different LoRAs, or for a tag of another kind or with more than two multipliers."""
     per_prompt = {tuple(_tag_triple(tag) for tag in extract_extra_networks(p)[1]) for p in prompts}
     if len(per_prompt) > 1:
-        raise RequestError(
+        raise AdapterError(
             "the prompts of one request name different LoRAs in <lora:...> tags; send separate requests"
         )
     return next(iter(per_prompt), ())
@@ -96,11 +95,11 @@ def tag_triples(prompts: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
 def _tag_triple(tag: object) -> tuple[str, float, float]:
     kind, name, numbers = tag.kind, tag.name, tag.multipliers  # type: ignore[attr-defined]
     if kind not in LORA_KINDS:
-        raise RequestError(
+        raise AdapterError(
             f"{tag.text}: unsupported extra network {kind!r}; sd-engine applies <lora:...> tags"
         )  # type: ignore[attr-defined]
     if len(numbers) > 2:
-        raise RequestError(f"{tag.text}: a LoRA tag takes at most two multipliers (text encoder, UNet)")  # type: ignore[attr-defined]
+        raise AdapterError(f"{tag.text}: a LoRA tag takes at most two multipliers (text encoder, UNet)")  # type: ignore[attr-defined]
     te = numbers[0] if numbers else 1.0
     return name, te, numbers[1] if len(numbers) > 1 else te
 
@@ -113,7 +112,7 @@ class LoraRuntime:
         self.loader = loader
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         if self.lora_dir is not None and not self.lora_dir.is_dir():
-            raise RequestError(f"lora_dir {self.lora_dir} is not a folder")
+            raise AdapterError(f"lora_dir {self.lora_dir} is not a folder")
         self._files: dict[tuple[str, int, int], tuple[LoraFile, str]] = {}
         self._matches: dict[str, LoraMatch] = {}
         self._graphs: dict[Network, OrderedDict[tuple, Graph]] = {}
@@ -154,19 +153,19 @@ class LoraRuntime:
         return bool(candidate.suffix) and candidate.is_file()
 
     def find(self, name: str) -> Path:
-        """A LoRA file by path, or by name in lora_dir (RequestError when there is neither; a name that
+        """A LoRA file by path, or by name in lora_dir (AdapterError when there is neither; a name that
         looks like a path, with a folder or a .safetensors suffix, and is no file says so)."""
         if self.is_path(name):
             return Path(os.path.expanduser(name)).resolve()
         looks_like_path = os.sep in name or name.lower().endswith(".safetensors")
         if looks_like_path and (self.lora_dir is None or os.sep in name):
-            raise RequestError(f"LoRA file not found: {name}")
+            raise AdapterError(f"LoRA file not found: {name}")
         return self.find_name(name)
 
     def find_name(self, name: str) -> Path:
-        """A LoRA file by file stem or alias in lora_dir (RequestError without a lora_dir or a match)."""
+        """A LoRA file by file stem or alias in lora_dir (AdapterError without a lora_dir or a match)."""
         if self.lora_dir is None:
-            raise RequestError(
+            raise AdapterError(
                 f"no LoRA named {name!r}: no lora_dir to look it up in (Pipeline.load(..., lora_dir=DIR), "
                 "--lora-dir)"
             )
@@ -184,7 +183,7 @@ class LoraRuntime:
         """Patched graphs of the ``networks`` a request runs that ``loras`` changes; a network left
         alone is not in the result (the caller uses its base graph). A loader that patches in place
         (its graphs may share weights, as torch's unet and unet_cfg do) is brought to ``loras`` on
-        every LoRA network of the engine. RequestError for a backend that cannot patch."""
+        every LoRA network of the engine. AdapterError for a backend that cannot patch."""
         wanted = [n for n in networks if n in LORA_COMPONENTS and loras.key(LORA_COMPONENTS[n])]
         if not wanted and not self._applied:
             return {}
@@ -196,7 +195,7 @@ class LoraRuntime:
 
     def _loader(self) -> Patchable:
         if not isinstance(self.loader, Patchable):
-            raise RequestError(
+            raise AdapterError(
                 "this backend cannot apply LoRAs; use --backend onnxruntime, torch or tensorrt"
             )
         return self.loader
@@ -245,7 +244,7 @@ class LoraRuntime:
         targets = self._loader().lora_targets(network)
         missing = [t for t in parts if t not in targets]
         if missing:
-            raise RequestError(
+            raise AdapterError(
                 f"{len(missing)} LoRA weights (e.g. {missing[0]}) have no patchable weight in the "
                 f"{network.value} graph; re-export the model with this sd-engine"
             )
@@ -275,7 +274,7 @@ class LoraRuntime:
                     component, module = target.split(":", 1)
                     targets[(Component(component), module)] = tuple(shape)
         if not targets:
-            raise RequestError(
+            raise AdapterError(
                 "this engine folder records no LoRA weight map (exported before LoRA support); re-export "
                 "the model with this sd-engine"
             )

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.adapters import AdapterError
 from engine.errors import Cancelled, EngineError, RequestError
 from engine.pipeline.request import SETTINGS, GenerationRequest
 from engine.service.catalog import Catalog, EngineEntry, PipelinePool
@@ -57,8 +58,11 @@ def request_error(error: RequestError, status: int = 422, names: Mapping[str, st
     """A RequestError's line as an ApiError naming the field: the name before ':' (``"scheduler: ..."``),
     else a leading setting name (``"steps must be ..."``, ``"clip_skip 3: ..."``), else none. ``names``
     maps the engine's setting names to the API's (``guidance_scale`` -> ``cfg_scale``), in the field and
-    at the start of the message."""
+    at the start of the message. A LoRA that cannot be used (an AdapterError) names the prompt, where
+    its tag is."""
     text = str(error)
+    if isinstance(error, AdapterError):
+        return ApiError(status, text, "prompt")
     head = text.split(":", 1)[0] if ":" in text else ""
     first = re.split(r"[\s:]", text, maxsplit=1)[0]
     if head and head.replace("_", "").isalnum():

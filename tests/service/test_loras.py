@@ -187,6 +187,7 @@ def test_unusable_loras_are_4xx_and_the_server_keeps_serving(
     for case, (prompt, named) in A1111_ERRORS.items():
         answer = lora_server.post(TXT2IMG, json={"prompt": prompt, **A1111_SMALL})
         assert_one_line_error(answer, 422, *named)
+        assert answer.json()["field"] == "prompt", case
         with pytest.raises(openai.BadRequestError) as raised:
             client.images.generate(prompt=prompt, size="64x64", extra_body={"steps": 2, "seed": SEED})
         assert raised.value.status_code == 400, case
