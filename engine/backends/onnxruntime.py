@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -168,6 +169,19 @@ def _touch(entry: Path) -> None:
     """Mark a cache entry as just used (its mtime orders :func:`_prune`)."""
     with contextlib.suppress(OSError):
         os.utime(entry)
+
+
+# A staging folder this old was left by a killed process (an optimization takes minutes at most).
+STALE_STAGING_S = 3600.0
+
+
+def _remove_stale_staging(cache_dir: Path) -> None:
+    """Remove ``.tmp-*`` staging folders a killed process left behind (older than STALE_STAGING_S)."""
+    now = time.time()
+    for staging in cache_dir.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - staging.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def _prune(cache_dir: Path, prefix: str, keep: int) -> None:
@@ -490,6 +504,7 @@ class OnnxRuntimeBackend:
         """
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(entry.parent)
             staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
         except OSError as error:
             log.warning(

@@ -7,9 +7,11 @@ The same LoRA named twice has its multipliers added.
 
 Weights are merged on the host (W' = W + sum m * delta, see :mod:`engine.adapters`) from the exported
 weights the backend reads back, and the backend loads the network with them (:class:`Patchable`). ONNX
-Runtime makes a new session, kept in a small LRU beside the base graph, so switching back to no LoRA
-(the base graph, never touched) is exact and free and a recent LoRA set is reused; torch and TensorRT
-patch the one loaded graph in place, restoring exported weights the new set does not touch.
+Runtime makes a new session beside the base graph (one per network kept in memory; its optimized form
+cached on disk under the LoRA set's identity), so switching back to no LoRA (the base graph, never
+touched) is exact and free; torch and TensorRT patch the one loaded graph in place, restoring exported
+weights the new set does not touch. A LoRA set is identified by its files' content hashes, so a file
+replaced on disk is never served from a stale graph or embedding.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from engine.hashing import json_digest
 from engine.manifest import Manifest
 from engine.runtime import Graph, GraphLoader
 from engine.specs import Network
-from engine.text.prompt import extract_extra_networks
+from engine.text.prompt import ExtraNetwork, extract_extra_networks
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ SHORT_HASH = 12  # hex digits of A1111's `Lora hashes` entries
 
 @dataclass(frozen=True)
 class LoraUse:
-    """One LoRA of a request: the name it was asked by, its file, and its two multipliers."""
+    """One LoRA of a request: the name it was asked by, its file and the file's content (addnet) hash,
+    and its two multipliers."""
 
     name: str
     path: Path
+    digest: str
     te: float
     unet: float
 
@@ -75,9 +79,10 @@ class LoraSet:
     uses: tuple[LoraUse, ...] = ()
 
     def key(self, component: Component) -> tuple[tuple[str, float], ...]:
-        """What a component's weights depend on: (file, multiplier) of each LoRA that touches it."""
+        """What a component's weights depend on: (file content hash, multiplier) of each LoRA that
+        touches it."""
         return tuple(
-            (str(use.path), use.multiplier(component)) for use in self.uses if use.multiplier(component)
+            (use.digest, use.multiplier(component)) for use in self.uses if use.multiplier(component)
         )
 
 
@@ -92,16 +97,16 @@ def tag_triples(prompts: Sequence[str]) -> tuple[tuple[str, float, float], ...]:
     return next(iter(per_prompt), ())
 
 
-def _tag_triple(tag: object) -> tuple[str, float, float]:
-    kind, name, numbers = tag.kind, tag.name, tag.multipliers  # type: ignore[attr-defined]
-    if kind not in LORA_KINDS:
+def _tag_triple(tag: ExtraNetwork) -> tuple[str, float, float]:
+    if tag.kind not in LORA_KINDS:
         raise AdapterError(
-            f"{tag.text}: unsupported extra network {kind!r}; sd-engine applies <lora:...> tags"
-        )  # type: ignore[attr-defined]
+            f"{tag.text}: unsupported extra network {tag.kind!r}; sd-engine applies <lora:...> tags"
+        )
+    numbers = tag.multipliers
     if len(numbers) > 2:
-        raise AdapterError(f"{tag.text}: a LoRA tag takes at most two multipliers (text encoder, UNet)")  # type: ignore[attr-defined]
+        raise AdapterError(f"{tag.text}: a LoRA tag takes at most two multipliers (text encoder, UNet)")
     te = numbers[0] if numbers else 1.0
-    return name, te, numbers[1] if len(numbers) > 1 else te
+    return tag.name, te, numbers[1] if len(numbers) > 1 else te
 
 
 class LoraRuntime:
@@ -117,6 +122,7 @@ class LoraRuntime:
         self._matches: dict[str, LoraMatch] = {}
         self._graphs: dict[Network, OrderedDict[tuple, Graph]] = {}
         self._applied: dict[Network, tuple] = {}
+        self._changed = False  # whether the last graphs() call made or patched a graph
 
     # -- which LoRAs ----------------------------------------------------------------------------
 
@@ -132,7 +138,7 @@ class LoraRuntime:
         for name, path, te, unet in found:
             old = merged.get(path)
             total = (te + old.te, unet + old.unet) if old else (te, unet)
-            merged[path] = LoraUse(old.name if old else name, path, *total)
+            merged[path] = LoraUse(old.name if old else name, path, self._file(path)[1], *total)
         return LoraSet(tuple(merged.values()))
 
     def tags(self, extra: Sequence[tuple[str, float, float]]) -> str:
@@ -175,7 +181,7 @@ class LoraRuntime:
         """A1111's ``Lora hashes`` value: "name: <12 hex>, ..." (None without LoRAs)."""
         if not loras.uses:
             return None
-        return ", ".join(f"{use.name}: {self._file(use.path)[1][:SHORT_HASH]}" for use in loras.uses)
+        return ", ".join(f"{use.name}: {use.digest[:SHORT_HASH]}" for use in loras.uses)
 
     # -- graphs ---------------------------------------------------------------------------------
 
@@ -189,8 +195,10 @@ class LoraRuntime:
             return {}
         if self._loader().in_place:
             networks = [n for n in LORA_COMPONENTS if n in self.manifest.graphs]
+        self._changed = False
         graphs = {n: graph for n in networks if (graph := self._graph(n, loras)) is not None}
-        release_freed_memory()
+        if self._changed:  # a session was made or weights rewritten: gigabytes came and went
+            release_freed_memory()
         return graphs
 
     def _loader(self) -> Patchable:
@@ -211,6 +219,7 @@ class LoraRuntime:
                 targets, merge = self._merge(network, loras) if key else ([], _no_merge)
                 loader.load_patched(network, targets, merge)
                 self._applied[network] = key
+                self._changed = True
             return None
         if not key:
             return None
@@ -221,13 +230,14 @@ class LoraRuntime:
             kept[key] = loader.load_patched(
                 network, *self._merge(network, loras), self._identity(component, loras)
             )
+            self._changed = True
         kept.move_to_end(key)
         return kept[key]
 
-    def _identity(self, component: Component, loras: LoraSet) -> str:
-        """What a component's merged weights depend on: each LoRA's content hash and multiplier."""
-        uses = [(self._file(use.path)[1], use.multiplier(component)) for use in loras.uses]
-        return json_digest(["sd-engine-lora-1", [use for use in uses if use[1]]])
+    @staticmethod
+    def _identity(component: Component, loras: LoraSet) -> str:
+        """What a component's merged weights depend on, for the on-disk cache: its LoRA key."""
+        return json_digest(["sd-engine-lora-1", [list(use) for use in loras.key(component)]])
 
     def _merge(self, network: Network, loras: LoraSet) -> tuple[list[str], Merge]:
         """The targets the LoRAs touch in this network, and the function giving each one's merged
@@ -238,7 +248,7 @@ class LoraRuntime:
             multiplier = use.multiplier(component)
             if not multiplier:
                 continue
-            for delta in self._match(use.path).deltas:
+            for delta in self._match(use).deltas:
                 if delta.target[0] is component:
                     parts.setdefault(_target_key(delta.target), []).append((delta, multiplier))
         targets = self._loader().lora_targets(network)
@@ -250,10 +260,11 @@ class LoraRuntime:
             )
         return list(parts), lambda target, base: merge_weight(base, parts[target])
 
-    def _match(self, path: Path) -> LoraMatch:
-        """The file's deltas against every patchable target of the engine (cached per file version)."""
-        lora, digest = self._file(path)
+    def _match(self, use: LoraUse) -> LoraMatch:
+        """The file's deltas against every patchable target of the engine (cached per file content)."""
+        path, digest = use.path, use.digest
         if digest not in self._matches:
+            lora = self._file(path)[0]
             match = match_lora(lora, self._all_targets(), self.manifest.model_family)
             if match.unused_keys:
                 log.warning(

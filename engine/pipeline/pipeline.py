@@ -79,7 +79,7 @@ class Pipeline:
         self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, Switch.of(fused_cfg).as_optional())
         self._load_graph = load_graph
         self._graphs: dict[Network, Graph] = {}
-        self._patched: dict[Network, Graph] = {}  # this request's LoRA graphs, see _use_loras
+        self._patched: dict[Network, Graph] = {}  # this request's LoRA graphs, see use_loras
         self.embeddings = EmbeddingCache()
         self.loras = LoraRuntime(manifest, load_graph, Path(lora_dir) if lora_dir is not None else None)
         unet = Network.UNET_CFG if self.fused_cfg else Network.UNET

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,8 +238,14 @@ def test_wrong_inputs_name_the_input(unet_file: Path, corrupt, error: type[Excep
 
 def test_cache_written_then_used(unet_file: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
+    stale, fresh = cache / ".tmp-killed", cache / ".tmp-another-process"  # staging a kill -9 left, one in use
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
     backend = OnnxRuntimeBackend(OrtOptions(device=CPU))
     first = backend.load(unet_file, unet_spec(DIMS), cache_dir=cache)
+    assert not stale.exists() and fresh.is_dir()
+    fresh.rmdir()
     assert not first.cache_hit
     entry = first.loaded_from.parent
     assert entry.parent == cache and first.loaded_from.name == CACHED_MODEL

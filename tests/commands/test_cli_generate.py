@@ -337,13 +337,7 @@ def test_a_built_default_engine_is_reused_and_used_by_the_cli(
     messages: list[str] = []
     assert ensure_default_engine(progress=messages.append) == default_engine_dir()
     assert messages == []  # reused: no build, no progress
-    out = tmp_path / "default.png"
-    code, stdout, err = _generate(capsys, "a tiny prompt", "--steps", "2", "--seed", "5", "-o", str(out))
-    assert code == 0, err
-    assert stdout.startswith(f"{out}  seed 5  ")
-    info = _infotext(out)
-    assert (info["Size"], info["Model"], info["Prompt"]) == ("64x64", "tiny", "a tiny prompt")
-    assert (default_engine_dir() / "manifest.json").stat().st_mtime_ns == stamp
+    _generate_with_the_default_engine(capsys, tmp_path, default_engine_dir(), stamp)
 
 
 @pytest.mark.slow  # 80 s: a whole tiny export; the test above covers reuse and the CLI in the CI tier
@@ -363,7 +357,11 @@ def test_default_engine_is_built_once_then_reused(
     assert len(messages) == built  # reused: no build, no progress
     assert (engine / "manifest.json").stat().st_mtime_ns == stamp
 
-    # Without ENGINE_DIR the CLI uses it, at 64x64 by default.
+    _generate_with_the_default_engine(capsys, tmp_path, engine, stamp)
+
+
+def _generate_with_the_default_engine(capsys, tmp_path: Path, engine: Path, stamp: int) -> None:
+    """Without ENGINE_DIR the CLI uses the default engine, at 64x64, and leaves it as it was."""
     out = tmp_path / "default.png"
     code, stdout, err = _generate(capsys, "a tiny prompt", "--steps", "2", "--seed", "5", "-o", str(out))
     assert code == 0, err
