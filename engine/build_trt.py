@@ -8,14 +8,24 @@ cuda-python and the GPU) and ``builder`` (plans, parity gate, index).
 from __future__ import annotations
 
 from engine.tensorrt.builder import BuildSettings, PlanResult, Rebuild, build_engine
-from engine.tensorrt.profiles import ProfileKind, ShapeProfile, make_profiles
+from engine.tensorrt.profiles import (
+    DefaultSizes,
+    ProfileKind,
+    ShapeProfile,
+    default_profiles,
+    default_sizes,
+    make_profiles,
+)
 
 __all__ = [
     "BuildSettings",
+    "DefaultSizes",
     "PlanResult",
     "ProfileKind",
     "Rebuild",
     "ShapeProfile",
     "build_engine",
+    "default_profiles",
+    "default_sizes",
     "make_profiles",
 ]

@@ -23,6 +23,8 @@ from engine.specs import GraphSpec, ModelDims, Network, Precision
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with "!")
+XL_DIMS = ("text_hidden_size_2", "text_num_layers_2", "pooled_size", "time_ids_size")
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,18 @@ class Manifest:
             "text_max_length": self.dims.text_max_length,
             "vae_scale_factor": self.dims.vae_scale_factor,
             "text_num_layers": self.dims.text_num_layers,
+            **{name: getattr(self.dims, name) for name in XL_DIMS if self.dims.is_xl},
             "scaling_factor": self.scaling_factor,
             "scheduler_config": dict(self.scheduler_config),
             "tokenizer_dir": self.tokenizer_dir,
             "source": dict(self.source),
             "graphs": {network.value: entry.to_json() for network, entry in self.graphs.items()},
         }
+
+    @property
+    def tokenizer_dirs(self) -> tuple[str, ...]:
+        """The tokenizer folders, one per text encoder (SDXL: ``tokenizer`` and ``tokenizer_2``)."""
+        return (self.tokenizer_dir, TOKENIZER_2_DIR) if self.dims.is_xl else (self.tokenizer_dir,)
 
     @property
     def torch_only(self) -> bool:
@@ -205,6 +213,7 @@ class Manifest:
             text_max_length=int(data["text_max_length"]),
             vae_scale_factor=int(data["vae_scale_factor"]),
             text_num_layers=int(data.get("text_num_layers", ModelDims.text_num_layers)),
+            **{name: int(data.get(name, 0)) for name in XL_DIMS},
         )
         return Manifest(
             model_family=str(data["model_family"]),

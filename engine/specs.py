@@ -29,6 +29,8 @@ class Network(str, Enum):
     """The graphs an engine folder holds."""
 
     TEXT_ENCODER = "text_encoder"
+    # SDXL's second text encoder (OpenCLIP bigG with its projection); absent from SD 1.x / 2.x folders.
+    TEXT_ENCODER_2 = "text_encoder_2"
     UNET = "unet"
     # The UNet with classifier-free guidance inside: derived from the unet graph, sharing its weights.
     UNET_CFG = "unet_cfg"
@@ -119,9 +121,33 @@ class ModelDims:
     text_max_length: int = 77
     vae_scale_factor: int = 8
     text_num_layers: int = 12  # CLIP ViT-L: 12; SD 2's OpenCLIP ViT-H as diffusers keeps it: 23
+    # SDXL (all 0 for SD 1.x / 2.x): the second text encoder's width and layers (bigG: 1280, 32), its
+    # projected pooled output (projection_dim: 1280) and the UNet's time ids (original size, crop
+    # top-left, target size: 6), the two inputs of diffusers' "text_time" added conditioning.
+    text_hidden_size_2: int = 0
+    text_num_layers_2: int = 0
+    pooled_size: int = 0
+    time_ids_size: int = 0
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the model is SDXL-shaped: two text encoders and text_time added conditioning."""
+        return self.text_hidden_size_2 > 0
+
+    @property
+    def context_size(self) -> int:
+        """The UNet's cross-attention width: the text encoders' widths added (SDXL: 768 + 1280 = 2048)."""
+        return self.text_hidden_size + self.text_hidden_size_2
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        """The graphs a full export of this model holds."""
+        return tuple(n for n in Network if self.is_xl or n is not Network.TEXT_ENCODER_2)
 
 
 def text_encoder_spec(dims: ModelDims) -> GraphSpec:
+    if dims.is_xl:
+        return xl_text_encoder_spec(Network.TEXT_ENCODER, dims.text_hidden_size, dims.text_num_layers, dims)
     hidden = (BATCH, dims.text_max_length, dims.text_hidden_size)
     return GraphSpec(
         Network.TEXT_ENCODER,
@@ -135,30 +161,54 @@ def text_encoder_spec(dims: ModelDims) -> GraphSpec:
     )
 
 
-def unet_spec(dims: ModelDims) -> GraphSpec:
-    latent = (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+def xl_text_encoder_spec(network: Network, hidden_size: int, num_layers: int, dims: ModelDims) -> GraphSpec:
+    """An SDXL text encoder: every layer's output *without* the final layer norm, stacked (B, L, S, H)
+    (SDXL conditions on the penultimate one, [:, -2]; A1111's clip skip n takes [:, -(n + 1)]); the
+    second encoder also gives ``text_embeds`` (B, P), its projected pooled output (at the first EOS)."""
+    outputs = [TensorSpec("hidden_states", (BATCH, num_layers, dims.text_max_length, hidden_size), "float32")]
+    if network is Network.TEXT_ENCODER_2:
+        outputs.append(TensorSpec("text_embeds", (BATCH, dims.pooled_size), "float32"))
     return GraphSpec(
-        Network.UNET,
-        inputs=(
-            TensorSpec("sample", latent, "float32"),
-            TensorSpec("timestep", (BATCH,), "float32"),
-            TensorSpec("encoder_hidden_states", (BATCH, SEQUENCE, dims.text_hidden_size), "float32"),
-        ),
-        outputs=(TensorSpec("noise_pred", latent, "float32"),),
+        network,
+        inputs=(TensorSpec("input_ids", (BATCH, dims.text_max_length), "int64"),),
+        outputs=tuple(outputs),
+    )
+
+
+def text_encoder_2_spec(dims: ModelDims) -> GraphSpec:
+    return xl_text_encoder_spec(Network.TEXT_ENCODER_2, dims.text_hidden_size_2, dims.text_num_layers_2, dims)
+
+
+# The inputs besides sample and timestep that hold one row per conditioning (the embeddings' batch).
+CONDITIONING_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
+def unet_spec(dims: ModelDims) -> GraphSpec:
+    """sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, S, D); SDXL adds text_embeds (B, P)
+    and time_ids (B, 6) -> noise_pred (B, C, h, w)."""
+    latent = (BATCH, dims.latent_channels, LATENT_HEIGHT, LATENT_WIDTH)
+    inputs = [
+        TensorSpec("sample", latent, "float32"),
+        TensorSpec("timestep", (BATCH,), "float32"),
+        TensorSpec("encoder_hidden_states", (BATCH, SEQUENCE, dims.context_size), "float32"),
+    ]
+    if dims.is_xl:
+        inputs.append(TensorSpec("text_embeds", (BATCH, dims.pooled_size), "float32"))
+        inputs.append(TensorSpec("time_ids", (BATCH, dims.time_ids_size), "float32"))
+    return GraphSpec(
+        Network.UNET, inputs=tuple(inputs), outputs=(TensorSpec("noise_pred", latent, "float32"),)
     )
 
 
 def unet_cfg_spec(dims: ModelDims) -> GraphSpec:
-    """B latents, B timesteps, 2B embeddings ([negatives; positives]) and the scale -> B guided noises."""
-    sample, timestep, context = unet_spec(dims).inputs
+    """B latents, B timesteps, 2B embeddings ([negatives; positives]; SDXL: 2B text_embeds and time_ids
+    too) and the scale -> B guided noises."""
+    plain = unet_spec(dims)
+    sample, timestep = plain.inputs[:2]
+    conditioning = tuple(TensorSpec(t.name, (CONTEXT_BATCH, *t.dims[1:]), t.dtype) for t in plain.inputs[2:])
     return GraphSpec(
         Network.UNET_CFG,
-        inputs=(
-            sample,
-            timestep,
-            TensorSpec(context.name, (CONTEXT_BATCH, *context.dims[1:]), context.dtype),
-            TensorSpec("guidance_scale", (1,), "float32"),
-        ),
+        inputs=(sample, timestep, *conditioning, TensorSpec("guidance_scale", (1,), "float32")),
         outputs=(TensorSpec("guided_noise", sample.dims, "float32"),),
     )
 
@@ -182,6 +232,7 @@ def vae_encoder_spec(dims: ModelDims) -> GraphSpec:
 
 SPEC_BUILDERS = {
     Network.TEXT_ENCODER: text_encoder_spec,
+    Network.TEXT_ENCODER_2: text_encoder_2_spec,
     Network.UNET: unet_spec,
     Network.UNET_CFG: unet_cfg_spec,
     Network.VAE_DECODER: vae_decoder_spec,
@@ -190,7 +241,8 @@ SPEC_BUILDERS = {
 
 
 def graph_specs(dims: ModelDims) -> dict[Network, GraphSpec]:
-    return {network: build(dims) for network, build in SPEC_BUILDERS.items()}
+    """The spec of every network the model has (SD 1.x / 2.x: no text_encoder_2)."""
+    return {network: SPEC_BUILDERS[network](dims) for network in dims.networks}
 
 
 def axis_sizes(
@@ -212,7 +264,7 @@ def sample_inputs(
     spec: GraphSpec, sizes: Mapping[str, int], rng: np.random.Generator, vocab_size: int = 1000
 ) -> dict[str, np.ndarray]:
     """Random inputs that fit the spec: normal floats, token ids below vocab_size, timesteps in
-    [0, 1000), guidance scales in [1, 12)."""
+    [0, 1000), guidance scales in [1, 12), SDXL time ids as whole pixels in [0, 1024]."""
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tensor.shape(sizes)
@@ -222,6 +274,8 @@ def sample_inputs(
             feeds[tensor.name] = rng.uniform(0, 999, size=shape).astype(np.float32)
         elif tensor.name == "guidance_scale":
             feeds[tensor.name] = rng.uniform(1, 12, size=shape).astype(np.float32)
+        elif tensor.name == "time_ids":  # sizes and crop offsets in pixels
+            feeds[tensor.name] = rng.integers(0, 1025, size=shape).astype(np.float32)
         else:
             feeds[tensor.name] = rng.standard_normal(shape, dtype=np.float32)
     return feeds

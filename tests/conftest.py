@@ -103,6 +103,29 @@ def tiny_v_engine(tiny_v_model: Path, request: pytest.FixtureRequest) -> Path:
     return engine
 
 
+def build_tiny_xl_engine(folder: Path) -> None:
+    """The tiny-xl model (SDXL-shaped, seed 2) in ``folder/tiny-xl`` and its full engine in
+    ``folder/engine``. Usually built in the background (tests/prefetch.py)."""
+    from engine.export import export_model
+    from engine.models.presets import init_random
+
+    model = init_random("tiny-xl", folder / "tiny-xl", seed=2)
+    export_model(model, folder / "engine")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_engine(request: pytest.FixtureRequest) -> Path:
+    """An SDXL-shaped engine (two text encoders, text_time conditioning), every network exported; its
+    diffusers folder is :func:`tiny_xl_model`."""
+    return prefetched(request) / "engine"
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_model(tiny_xl_engine: Path) -> Path:
+    """The diffusers folder ``tiny_xl_engine`` was exported from (StableDiffusionXLPipeline loads it)."""
+    return tiny_xl_engine.parent / "tiny-xl"
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     prefetch.start(session)
 

@@ -37,6 +37,7 @@ LOG_TAIL = 4000  # characters of the background's log quoted when it died
 BUILDERS = {
     "tiny_v_engine": "tests.conftest:build_tiny_v_engine",
     "sd1_export": "tests.pipeline.test_model_sources:build_sd1_export",
+    "tiny_xl_engine": "tests.conftest:build_tiny_xl_engine",
 }
 
 

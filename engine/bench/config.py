@@ -377,7 +377,7 @@ def cuda_missing() -> str | None:
 
 def unavailable(contender: Contender, device: Device, engine_dir: Path | None) -> str | None:
     """Why a contender cannot run on this machine, or None: the device, packages, providers, TensorRT
-    plans."""
+    plans, bf16 arithmetic for openvino."""
     problem = contender.device_problem(device)
     if problem is not None:
         return problem
@@ -398,6 +398,22 @@ def unavailable(contender: Contender, device: Device, engine_dir: Path | None) -
     plans = None if engine_dir is None else engine_dir / "tensorrt" / "plans.json"
     if contender.kind == "tensorrt" and plans is not None and not plans.is_file():
         return f"no TensorRT plans in {engine_dir}: run `sd-engine build {engine_dir}` first"
+    if contender.kind == "openvino":
+        return openvino_bf16_missing()
+    return None
+
+
+def openvino_bf16_missing() -> str | None:
+    """Why the openvino contender (bf16, the backend's default) cannot run on this CPU, or None: the
+    backend refuses bf16 where the CPU has no bf16 arithmetic (asks OpenVINO, which must be installed)."""
+    from engine.backends.openvino import check_precision, import_openvino
+    from engine.errors import EngineError
+    from engine.specs import Precision
+
+    try:
+        check_precision(import_openvino().Core(), Precision.BF16)
+    except EngineError as error:
+        return str(error).partition(";")[0]
     return None
 
 

@@ -1,9 +1,16 @@
 """What each contender runs inside its own process, and how its stages are timed.
 
 sd-engine reports its stages itself (``GenerationResult.timings``). diffusers is timed by wrapping
-the pipeline's *instances* (``text_encoder.forward``, ``unet.forward``, ``vae.decode``, the
-scheduler's ``step`` and ``scale_model_input``) with clocks; library modules are never patched.
-Every run starts from an empty prompt-embedding cache, so both sides pay for the text encoder.
+the pipeline's *instances* (``text_encoder.forward``, SDXL's ``text_encoder_2.forward`` too,
+``unet.forward``, ``vae.decode``, the scheduler's ``step`` and ``scale_model_input``) with clocks;
+library modules are never patched. Every run starts from an empty prompt-embedding cache, so both sides
+pay for the text encoders (the ``text_encoder`` stage: both of SDXL's together).
+
+diffusers runs the pipeline class of the model folder's family: StableDiffusionPipeline for SD 1.x /
+2.x, StableDiffusionXLPipeline for SDXL (without its invisible watermark, which sd-engine does not add
+and which would lower the PSNR column). An empty negative prompt goes to diffusers as None, so an SDXL
+model with ``force_zeros_for_empty_prompt`` conditions on zeros, as sd-engine does (SD 1.x / 2.x encode
+"" either way).
 
 This module is imported only by the child process; torch and diffusers are imported inside the
 diffusers runner's methods.
@@ -126,7 +133,7 @@ class EngineRunner:
 
         request = build_request(self.spec.workload, prompt)
         unet_network = self.unet_network(request)
-        for network in (Network.TEXT_ENCODER, unet_network, Network.VAE_DECODER):
+        for network in (*self.pipe.text_networks, unet_network, Network.VAE_DECODER):
             self.used[network.value] = None
         unet = self.pipe.graph(unet_network)  # loaded with the pipeline: the run uses it anyway
         clock = getattr(unet, "device_ms", None)
@@ -281,10 +288,42 @@ class EventClock:
         self.calls = {name: len(pairs) for name, pairs in self.events.items()}
 
 
+def diffusers_pipeline(model_dir: Path, dtype: Any) -> Any:
+    """The model folder in diffusers' text-to-image pipeline of its family (see the module notes), with
+    weights in ``dtype``; no safety checker (SD 1.x / 2.x), no watermark (SDXL)."""
+    import diffusers
+
+    from engine.bench.models import is_xl_folder
+
+    if is_xl_folder(model_dir):
+        return diffusers.StableDiffusionXLPipeline.from_pretrained(
+            model_dir, add_watermarker=False, torch_dtype=dtype
+        )
+    return diffusers.StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype
+    )
+
+
+def timed_methods(pipe: Any) -> list[tuple[Any, str, str]]:
+    """(instance, method, stage) the diffusers contender's clock wraps: SDXL's second text encoder
+    when the pipeline has one."""
+    encoders = [(pipe.text_encoder, "forward", "text_encoder")]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append((pipe.text_encoder_2, "forward", "text_encoder_2"))
+    return [
+        *encoders,
+        (pipe.unet, "forward", "unet"),
+        (pipe.vae, "decode", "vae_decode"),
+        (pipe.scheduler, "step", "scheduler"),
+        (pipe.scheduler, "scale_model_input", "scale_model_input"),
+    ]
+
+
 class DiffusersRunner:
-    """diffusers' StableDiffusionPipeline in torch eager mode, fp32 (fp16 on request): the baseline
-    users know. On the CPU its stages are timed on the host; on CUDA with events (:class:`EventClock`),
-    and fp32 there means fp32: TF32 off for matrix products and convolutions (the PSNR reference)."""
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) in torch eager mode, fp32
+    (fp16 on request): the baseline users know. On the CPU its stages are timed on the host; on CUDA with
+    events (:class:`EventClock`), and fp32 there means fp32: TF32 off for matrix products and
+    convolutions (the PSNR reference)."""
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
@@ -302,11 +341,8 @@ class DiffusersRunner:
 
         from engine.sampling.registry import lookup
 
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            self.spec.model_dir,
-            safety_checker=None,
-            requires_safety_checker=False,
-            torch_dtype=torch.float16 if self.spec.contender.fp16 else torch.float32,
+        pipe = diffusers_pipeline(
+            self.spec.model_dir, torch.float16 if self.spec.contender.fp16 else torch.float32
         )
         entry = lookup(self.spec.workload.sampler)
         scheduler_class = getattr(diffusers, str(entry.diffusers_class))
@@ -318,13 +354,7 @@ class DiffusersRunner:
             if not self.spec.contender.fp16:  # this process runs one contender: global flags are its own
                 torch.backends.cuda.matmul.allow_tf32 = False
                 torch.backends.cudnn.allow_tf32 = False
-        for obj, method, name in (
-            (pipe.text_encoder, "forward", "text_encoder"),
-            (pipe.unet, "forward", "unet"),
-            (pipe.vae, "decode", "vae_decode"),
-            (pipe.scheduler, "step", "scheduler"),
-            (pipe.scheduler, "scale_model_input", "scale_model_input"),
-        ):
+        for obj, method, name in timed_methods(pipe):
             self.clock.wrap(obj, method, name)
         self.pipe = pipe
 
@@ -343,7 +373,7 @@ class DiffusersRunner:
         with torch.inference_mode():
             out = self.pipe(
                 prompt,
-                negative_prompt=w.negative_prompt,
+                negative_prompt=w.negative_prompt or None,  # SDXL: zeros (see the module notes)
                 num_inference_steps=w.steps,
                 width=w.width,
                 height=w.height,
@@ -363,7 +393,7 @@ class DiffusersRunner:
     def stages(self, total_ms: float) -> dict[str, float]:
         t, calls = self.clock.totals, max(self.clock.calls["unet"], 1)
         return {
-            "text_encoder": t["text_encoder"],
+            "text_encoder": t["text_encoder"] + t.get("text_encoder_2", 0.0),
             "unet_total": t["unet"],
             "unet_per_step": t["unet"] / calls,
             "scheduler_per_step": (t["scheduler"] + t["scale_model_input"]) / calls,
@@ -375,7 +405,9 @@ class DiffusersRunner:
     def info(self) -> dict[str, Any]:
         versions = package_versions(("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow"))
         dtype = "float16" if self.spec.contender.fp16 else "float32"
-        return {"device": self.spec.device.value, "dtype": dtype, "versions": versions, **torch_info()}
+        pipeline = type(self.pipe).__name__
+        info = {"device": self.spec.device.value, "dtype": dtype, "pipeline": pipeline, "versions": versions}
+        return {**info, **torch_info()}
 
     def peak_gpu_mib(self) -> float | None:
         return torch_peak_gpu_mib() if self.spec.device is Device.CUDA else None

@@ -5,11 +5,15 @@ A preset (``--preset sd15``) becomes a random-weight diffusers folder under
 and seed (the weights are a pure function of both). Without ``--engine``, the model is exported
 into ``bench/engines/<name>-<key>``, where the key hashes the model folder's files (path, size,
 modification time) and the sd-engine version: a changed model gets a fresh engine.
+
+SD 1.x / 2.x and SDXL folders are told apart by model_index.json's ``_class_name``, which also picks
+diffusers' pipeline class for the diffusers contender (:func:`is_xl_folder`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,6 +27,8 @@ from engine.errors import EngineError
 
 PRESET_SEED = 0
 EXPORT_NEEDS = ("torch", "diffusers", "transformers", "onnx")
+DEFAULT_SIDE = 256  # --size for SD 1.x / 2.x: a quick run
+XL_SIDE = 1024  # --size for an SDXL folder whose VAE config states no sample_size (SDXL base's)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ def check_choice(choice: ModelChoice, contenders: tuple[Contender, ...]) -> None
         parse_preset(choice.preset)
     elif not (choice.model_dir / "model_index.json").is_file():
         raise ValueError(f"model folder not found (no model_index.json): {choice.model_dir}")
+    else:
+        check_pipeline_class(choice.model_dir)
     wants_engine = any(c.is_engine for c in contenders)
     if choice.engine_dir is not None and wants_engine:
         if not (choice.engine_dir / "manifest.json").is_file():
@@ -87,6 +95,62 @@ def prepare(
         return Folders(model_dir.absolute(), None, label)
     engine_dir = choice.engine_dir or _cached_engine(model_dir, label, progress)
     return Folders(model_dir.absolute(), engine_dir.absolute(), label)
+
+
+def pipeline_class(model_dir: Path) -> str:
+    """model_index.json's ``_class_name`` ("" when the file is missing, unreadable or names none)."""
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    return str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+
+
+def check_pipeline_class(model_dir: Path) -> None:
+    """ValueError for a folder of a pipeline the benchmark does not run (neither SD 1.x / 2.x nor XL)."""
+    from engine.models.folder import SUPPORTED_PIPELINES
+
+    name = pipeline_class(model_dir)
+    if name not in SUPPORTED_PIPELINES:
+        raise ValueError(
+            f"{model_dir / 'model_index.json'} names the pipeline {name or 'none'!r}; the benchmark runs "
+            f"Stable Diffusion 1.x / 2.x / XL folders ({', '.join(SUPPORTED_PIPELINES)})"
+        )
+
+
+def is_xl_folder(model_dir: Path) -> bool:
+    """Whether a diffusers folder holds an SDXL model (its model_index.json's ``_class_name``)."""
+    from engine.models.folder import XL_PIPELINES
+
+    return pipeline_class(model_dir) in XL_PIPELINES
+
+
+def default_size(choice: ModelChoice) -> tuple[int, int]:
+    """(width, height) in px when ``--size`` is not given: 256 for SD 1.x / 2.x (a quick run); an SDXL
+    model's native size, its VAE config's ``sample_size`` (1024 for SDXL base and the sdxl preset, 64 for
+    tiny-xl), since SDXL is trained at that size. Reads only the preset's spec or the folder's JSON; a
+    folder that cannot be read gets 256 (:func:`check_choice` says what is wrong with it)."""
+    from engine.models.presets import preset_spec
+
+    if choice.preset is not None:
+        spec = preset_spec(choice.preset)
+        side = spec.vae.sample_size if spec.is_xl else DEFAULT_SIDE
+    elif choice.model_dir is not None and is_xl_folder(choice.model_dir):
+        side = _vae_sample_size(choice.model_dir) or XL_SIDE
+    else:
+        side = DEFAULT_SIDE
+    return side, side
+
+
+def _vae_sample_size(model_dir: Path) -> int | None:
+    """vae/config.json's ``sample_size`` (an int or [height, width] in diffusers; the first side), or None."""
+    try:
+        config = json.loads((model_dir / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    size = config.get("sample_size") if isinstance(config, dict) else None
+    size = size[0] if isinstance(size, list) and size else size
+    return size if isinstance(size, int) and size > 0 and size % 8 == 0 and size <= 4096 else None
 
 
 def model_dir_of(choice: ModelChoice) -> Path:

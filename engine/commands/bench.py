@@ -1,6 +1,8 @@
 """`sd-engine bench`: one command for "how fast is sd-engine on my machine, against what I use today".
 
     sd-engine bench --preset sd15 --size 256 --contenders diffusers,onnxruntime --runs 3 --out results/
+    sd-engine bench --preset sdxl --steps 20 --contenders diffusers,onnxruntime,openvino \
+        --psnr-reference cpu-fp32 --runs 1 --out results/                  # 1024x1024 by default
     sd-engine bench --report results/x.json --compare baseline.json     # re-render / compare, no run
     sd-engine bench --model M --engine E --device cuda --psnr-reference cuda-fp32 --skip-unavailable \
         --contenders diffusers:fp16,torch-cuda:eager+unfused,torch-cuda:graph+fused,\
@@ -91,14 +93,18 @@ def _add_model_arguments(cmd: argparse.ArgumentParser) -> None:
         "--skip-unavailable",
         action="store_true",
         help="skip (with the reason) contenders this machine cannot run: another --device, missing "
-        "packages, no CUDA provider in onnxruntime, no TensorRT plans (the first contender, the baseline, "
-        "is never skipped); default: refuse",
+        "packages, no CUDA provider in onnxruntime, no TensorRT plans, no bf16 arithmetic for openvino (the "
+        "first contender, the baseline, is never skipped); default: refuse",
     )
 
 
 def _add_workload_arguments(cmd: argparse.ArgumentParser) -> None:
     group = cmd.add_argument_group("workload (the same for every contender)")
-    group.add_argument("--size", default="256", metavar="N|WxH", help="image size in px (default 256)")
+    group.add_argument(
+        "--size",
+        metavar="N|WxH",
+        help="image size in px (default 256; an SDXL model's native size: 1024 for SDXL base)",
+    )
     group.add_argument("--steps", type=int, default=20, help="(default 20)")
     group.add_argument("--cfg", type=float, default=7.5, help="guidance scale (default 7.5)")
     group.add_argument("--sampler", default="Euler a", help="(default: Euler a)")
@@ -237,9 +243,11 @@ def dry_run(args: argparse.Namespace) -> Plan:
     """
     from engine.bench.config import Device, check_psnr_reference, parse_contenders, parse_size, unavailable
     from engine.bench.contenders import backend_options
+    from engine.bench.models import ModelChoice, default_size
 
     contenders = parse_contenders(args.contenders)
-    width, height = parse_size(args.size)
+    choice = ModelChoice(args.model, args.preset, args.engine)
+    width, height = parse_size(args.size) if args.size is not None else default_size(choice)
     check_numbers(args)
     device = Device(args.device)
     check_psnr_reference(args.psnr_reference, device)
@@ -277,11 +285,11 @@ def build_config(args: argparse.Namespace) -> Any:
         parse_contenders,
         parse_size,
     )
-    from engine.bench.models import ModelChoice, check_choice, prepare
+    from engine.bench.models import ModelChoice, check_choice, default_size, prepare
     from engine.bench.prompts import load_prompts
 
     contenders = parse_contenders(args.contenders)
-    width, height = parse_size(args.size)
+    size = parse_size(args.size) if args.size is not None else None
     check_numbers(args)
     check_sampler(args.sampler, contenders)
     device = Device(args.device)
@@ -292,6 +300,7 @@ def build_config(args: argparse.Namespace) -> Any:
     prompts = load_prompts(args.prompts)
     choice = ModelChoice(args.model, args.preset, args.engine)
     check_choice(choice, contenders)
+    width, height = size or default_size(choice)
     folders = prepare(choice, contenders, say)
     warn_other_source(folders.model_dir, folders.engine_dir)
     workload = Workload(

@@ -11,6 +11,7 @@ from typing import Any
 
 from engine.commands.common import parse_size
 from engine.errors import BuildError, EngineError
+from engine.manifest import read_manifest
 from engine.specs import Network, Precision
 from engine.tensorrt.builder import (
     DEFAULT_OPT_LEVEL,
@@ -20,7 +21,7 @@ from engine.tensorrt.builder import (
     Rebuild,
     build_engine,
 )
-from engine.tensorrt.profiles import ProfileKind, make_profiles
+from engine.tensorrt.profiles import ProfileKind, ShapeProfile, default_sizes, make_profiles
 from engine.text.chunks import MAX_CHUNKS
 
 # Text lengths the UNet plans cover: 2 chunks by default (150 prompt tokens, A1111-TRT's default); the
@@ -32,11 +33,21 @@ MAX_TOKENS = MAX_CHUNKS * 77
 VAE_CHOICES = {"fp32": Precision.FP32, "fp16": Precision.FP16, "fp16-guarded": Precision.FP16}
 
 
-def settings_from_args(args: argparse.Namespace) -> BuildSettings:
-    """Typed settings from the parsed command line (argparse stays out of library code)."""
-    profiles = make_profiles(
-        ProfileKind(args.profile), args.batch, args.size, args.max_tokens, args.min_size, args.max_size
-    )
+def profiles_from_args(args: argparse.Namespace, model_family: str) -> tuple[ShapeProfile, ...]:
+    """The shape profiles the options ask for. Without --size: the family's default sizes
+    (:func:`engine.tensorrt.profiles.default_sizes`: 512x512; SDXL 1024x1024, dynamic 640..1536 px),
+    --min-size / --max-size replacing the dynamic corners."""
+    sizes, low, high = args.size, args.min_size, args.max_size
+    if not sizes:
+        defaults = default_sizes(model_family)
+        sizes, low, high = [defaults.opt], low or defaults.low, high or defaults.high
+    return make_profiles(ProfileKind(args.profile), args.batch, sizes, args.max_tokens, low, high)
+
+
+def settings_from_args(args: argparse.Namespace, model_family: str) -> BuildSettings:
+    """Typed settings from the parsed command line (argparse stays out of library code), for an engine
+    folder of ``model_family`` (the manifest's: it picks the default sizes)."""
+    profiles = profiles_from_args(args, model_family)
     if not 77 <= args.max_tokens <= MAX_TOKENS:
         raise BuildError(f"--max-tokens must be 77..{MAX_TOKENS} (multiples of 77), got {args.max_tokens}")
     if args.workspace <= 0:
@@ -54,7 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> BuildSettings:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, read_manifest(args.engine_dir).model_family)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -84,7 +95,8 @@ def add_command(subparsers: Any) -> None:
         "--vae",
         choices=list(VAE_CHOICES),
         default="fp32",
-        help="fp32 (default) or fp16 with an fp32 fallback on overflow (fp16-guarded: the same)",
+        help="fp32 (default) or fp16 with an fp32 fallback on overflow (fp16-guarded: the same); "
+        "SDXL: fp32 only (its VAE overflows in fp16)",
     )
     cmd.add_argument(
         "--refit",
@@ -132,12 +144,22 @@ def _add_profile_options(cmd: argparse.ArgumentParser) -> None:
         "--size",
         type=parse_size,
         nargs="+",
-        default=[(512, 512)],
         metavar="WxH",
-        help="image sizes to cover (default 512x512); the first is the dynamic opt",
+        help="image sizes to cover (default: the model's native size, 512x512, SDXL 1024x1024); the "
+        "first is the dynamic opt",
     )
-    cmd.add_argument("--min-size", type=parse_size, metavar="WxH", help="dynamic: smallest image")
-    cmd.add_argument("--max-size", type=parse_size, metavar="WxH", help="dynamic: largest image")
+    cmd.add_argument(
+        "--min-size",
+        type=parse_size,
+        metavar="WxH",
+        help="dynamic: smallest image (default: the smallest --size; without --size 512x512, SDXL 640x640)",
+    )
+    cmd.add_argument(
+        "--max-size",
+        type=parse_size,
+        metavar="WxH",
+        help="dynamic: largest image (default: the largest --size; without --size 512x512, SDXL 1536x1536)",
+    )
     cmd.add_argument(
         "--max-tokens",
         type=int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -116,7 +117,7 @@ def build_request(args: argparse.Namespace, is_default: bool) -> GenerationReque
         guidance_scale=args.cfg,
         width=width,
         height=height,
-        sampler=args.sampler,
+        sampler=args.sampler or GenerationRequest.sampler,
         seed=args.seed,
         batch_size=args.batch,
         image=image,
@@ -176,6 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         **backend_options(args),
     )
     log.info("loaded %s (%s) in %.1f s", engine_dir, args.backend, time.perf_counter() - start)
+    if args.sampler is None:  # the model's own default (SDXL: its scheduler), see Pipeline.default_sampler
+        request = dataclasses.replace(request, sampler=pipe.default_sampler)
     bar = ProgressBar(sys.stderr)
     try:
         result = pipe.run(request, on_step=bar)
@@ -216,7 +219,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument(
         "--size", type=parse_size, metavar="WxH", help="default 512x512; 64x64 for the built-in engine"
     )
-    cmd.add_argument("--sampler", default="Euler a", help="see `sd-engine samplers` (default: Euler a)")
+    cmd.add_argument(
+        "--sampler",
+        default=None,
+        help="see `sd-engine samplers` (default: Euler a; SDXL folders: their own scheduler, e.g. Euler)",
+    )
     cmd.add_argument(
         "--seed", type=int, default=-1, help="image i gets seed + i (default -1: random, reported)"
     )

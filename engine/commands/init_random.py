@@ -25,7 +25,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
     cmd = commands.add_parser("init-random", help="write a diffusers folder with random weights")
     cmd.add_argument(
-        "preset", choices=[p.value for p in Preset], metavar="PRESET", help="tiny, tiny-v, sd15, sd21"
+        "preset",
+        choices=[p.value for p in Preset],
+        metavar="PRESET",
+        help=", ".join(p.value for p in Preset) + " (tiny*: built in a second; the others: real sizes)",
     )
     cmd.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     cmd.add_argument("--seed", type=int, default=0, help="same seed, same weights (default 0)")

@@ -1,4 +1,4 @@
-"""Local diffusers Stable Diffusion 1.x / 2.x folders: validation with one-line errors, then loading.
+"""Local diffusers Stable Diffusion 1.x / 2.x / XL folders: validation with one-line errors, then loading.
 
 Validation reads only JSON and safetensors headers, so a missing, truncated or mismatched file is
 reported before torch spends a minute building modules.
@@ -8,29 +8,35 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError, ModelFolderError
 
-SUPPORTED_PIPELINES = (
+SD_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
 )
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SUPPORTED_PIPELINES = SD_PIPELINES + XL_PIPELINES
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder and its tokenizer
 NETWORK_COMPONENTS = ("unet", "vae", "text_encoder")
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # each with its tokenizer
 CONFIG_NAMES = {
     "unet": "config.json",
     "vae": "config.json",
     "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
     "scheduler": "scheduler_config.json",
 }
 WEIGHT_STEMS = {
     "unet": ("diffusion_pytorch_model",),
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what older folders (SD 1.5, SD 2.1) ship
@@ -51,6 +57,7 @@ class ModelFolder:
     pipeline_class: str
     weights: dict[str, WeightsFile]
     configs: dict[str, dict[str, Any]]
+    index: dict[str, Any] = field(default_factory=dict)  # model_index.json
 
     @property
     def variant(self) -> str | None:
@@ -59,8 +66,17 @@ class ModelFolder:
 
     @property
     def family(self) -> str:
-        """'sd1' or 'sd2', from the text encoder width (768: CLIP ViT-L, 1024: OpenCLIP ViT-H)."""
-        return "sd2" if self.configs["text_encoder"].get("hidden_size") == 1024 else "sd1"
+        """'sdxl' with a second text encoder; else 'sd1' or 'sd2', from the text encoder width (768: CLIP
+        ViT-L, 1024: OpenCLIP ViT-H)."""
+        return model_family(self.configs)
+
+
+def model_family(configs: dict[str, Any]) -> str:
+    """'sdxl' when the configs hold a second text encoder; else 'sd2' for a 1024-wide text encoder
+    (OpenCLIP ViT-H), 'sd1' otherwise (CLIP ViT-L)."""
+    if "text_encoder_2" in configs:
+        return "sdxl"
+    return "sd2" if configs["text_encoder"].get("hidden_size") == 1024 else "sd1"
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -86,21 +102,26 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     if pipeline_class not in SUPPORTED_PIPELINES:
         raise ModelFolderError(
             f"unsupported pipeline class '{pipeline_class}' in {root / 'model_index.json'}; "
-            f"supported: {', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x / 2.x)"
+            f"supported: {', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x / 2.x / XL)"
         )
-    for component in COMPONENTS:
+    xl = pipeline_class in XL_PIPELINES
+    for component in COMPONENTS + (XL_COMPONENTS if xl else ()):
         if not (root / component).is_dir():
             raise ModelFolderError(f"model folder {root} is missing the {component}/ subfolder")
-    configs = {name: read_json(root / name / file, f"{name} config") for name, file in CONFIG_NAMES.items()}
-    check_tokenizer(root / "tokenizer", configs["text_encoder"])
-    weights = {name: find_weights(root / name, WEIGHT_STEMS[name]) for name in NETWORK_COMPONENTS}
+    encoders = [name for name in TEXT_ENCODERS if xl or name == "text_encoder"]
+    names = [name for name in CONFIG_NAMES if name in encoders or not name.startswith("text_encoder")]
+    configs = {name: read_json(root / name / CONFIG_NAMES[name], f"{name} config") for name in names}
+    for encoder in encoders:
+        check_tokenizer(root / TEXT_ENCODERS[encoder], configs[encoder], encoder)
+    components = NETWORK_COMPONENTS + (("text_encoder_2",) if xl else ())
+    weights = {name: find_weights(root / name, WEIGHT_STEMS[name]) for name in components}
     for file in weights.values():
         if file.safetensors:
             check_safetensors(file.path)
-    return ModelFolder(root, pipeline_class, weights, configs)
+    return ModelFolder(root, pipeline_class, weights, configs, index)
 
 
-def check_tokenizer(folder: Path, text_encoder_config: dict[str, Any]) -> None:
+def check_tokenizer(folder: Path, text_encoder_config: dict[str, Any], encoder: str = "text_encoder") -> None:
     """The tokenizer folder loads as the runtime will load it, and its ids fit the text encoder.
 
     Either layout: tokenizer.json (transformers 5) or vocab.json + merges.txt (older folders); see
@@ -110,22 +131,23 @@ def check_tokenizer(folder: Path, text_encoder_config: dict[str, Any]) -> None:
     """
     from engine.text.tokenizer import ClipTokenizer
 
+    what = folder.name
     if not (folder / TOKENIZER_JSON).is_file():
         missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
         if missing:
             raise ModelFolderError(
-                f"tokenizer: {folder} has neither {TOKENIZER_JSON} nor {' + '.join(TOKENIZER_FILES)} "
+                f"{what}: {folder} has neither {TOKENIZER_JSON} nor {' + '.join(TOKENIZER_FILES)} "
                 f"(missing {', '.join(missing)})"
             )
     try:
         tokenizer = ClipTokenizer.from_folder(folder)
     except EngineError as error:
-        raise ModelFolderError(f"tokenizer: {error}") from None
+        raise ModelFolderError(f"{what}: {error}") from None
     embeddings = text_encoder_config.get("vocab_size")
     if isinstance(embeddings, int) and tokenizer.vocab_size > embeddings:
         raise ModelFolderError(
-            f"tokenizer: {folder} has {tokenizer.vocab_size} token ids, but the text encoder embeds "
-            f"only {embeddings} (vocab_size in text_encoder/config.json)"
+            f"{what}: {folder} has {tokenizer.vocab_size} token ids, but the text encoder embeds "
+            f"only {embeddings} (vocab_size in {encoder}/config.json)"
         )
 
 

@@ -6,14 +6,19 @@ vae/, text_encoder/, tokenizer/, scheduler/, safetensors weights) that
 SD 2.1 configs in every field that shapes the graphs; ``tiny`` (SD 1 style) and ``tiny-v``
 (SD 2 style: v-prediction, linear projection, upcast attention, "!" padding) keep SD's
 structure (4-level UNet and VAE, cross-attention, CLIP tokenizer) at a size that builds in about a
-second. The tokenizer is a synthetic but valid CLIP byte-level BPE generated here, so the package
-needs no data files; real model folders bring their own vocabulary.
+second. ``sdxl`` mirrors SDXL base 1.0 and ``tiny-xl`` is its small copy: their folders add
+text_encoder_2/ (projected, OpenCLIP-bigG style) and tokenizer_2/ ("!" padding) and load with
+``StableDiffusionXLPipeline.from_pretrained``. The tokenizer is a synthetic but valid CLIP
+byte-level BPE generated here, so the package needs no data files; real model folders bring their
+own vocabulary.
 
 Weights are PyTorch's default initialization, seeded per component, so the same seed gives
 byte-identical safetensors. That initialization already keeps activations small, so nothing is
 rescaled: measured over 50 Euler steps with CFG 7.5 at a 32x32 latent, the guided UNet output
 stays below 2.8 (sd15) / 2.2 (sd21) and the largest activation inside the UNet below 41 / 7,
 well inside fp16's range; the tests check the tiny presets over 50 steps and sd15/sd21 over 3.
+tiny-xl through diffusers' SDXL pipeline (50 Euler steps, CFG 7.5, 8x8 latent): UNet output below
+1.1; the sdxl preset is not measured yet.
 
 Export-side only: imports torch, diffusers and transformers; the runtime never imports it.
 """
@@ -46,8 +51,32 @@ _PREFIXES_PER_LEVEL = 4096
 class Preset(str, Enum):
     TINY = "tiny"
     TINY_V = "tiny-v"
+    TINY_XL = "tiny-xl"
     SD15 = "sd15"
     SD21 = "sd21"
+    SDXL = "sdxl"
+
+
+class UNetLayout(str, Enum):
+    """Which UNet levels (highest resolution first) have cross-attention blocks."""
+
+    SD = "sd"  # every level but the lowest-resolution one (SD 1.x / 2.x)
+    SDXL = "sdxl"  # every level but the highest-resolution one (SDXL)
+
+
+@dataclass(frozen=True)
+class TextTimeSpec:
+    """SDXL's added conditioning (``addition_embed_type`` "text_time"): the pooled, projected output of
+    text_encoder_2 joined with six numbers (original height, width; crop top, left; target height,
+    width), each embedded as ``time_embed_dim`` sinusoids."""
+
+    time_embed_dim: int  # diffusers' addition_time_embed_dim
+    pooled_dim: int  # text_encoder_2's projection_dim
+
+    @property
+    def input_dim(self) -> int:
+        """projection_class_embeddings_input_dim, as StableDiffusionXLPipeline._get_add_time_ids checks it."""
+        return 6 * self.time_embed_dim + self.pooled_dim
 
 
 @dataclass(frozen=True)
@@ -60,14 +89,27 @@ class UNetSpec:
     sample_size: int
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    layout: UNetLayout = UNetLayout.SD
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    text_time: TextTimeSpec | None = None
+
+    def block_types(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(down_block_types, up_block_types) for ``layout``; up blocks mirror down blocks."""
+        levels = len(self.block_out_channels)
+        if self.layout is UNetLayout.SD:
+            attention = (True,) * (levels - 1) + (False,)
+        else:
+            attention = (False,) + (True,) * (levels - 1)
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
+        return down, up
 
     def config(self) -> dict[str, Any]:
-        """SD's layout: cross-attention at every level but the lowest-resolution one."""
-        levels = len(self.block_out_channels)
-        down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
-        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+        """The diffusers UNet2DConditionModel config; SD presets give exactly SD 1/2's keys, SDXL ones
+        add transformer_layers_per_block and the text_time conditioning as SDXL base 1.0 has them."""
+        down, up = self.block_types()
         head_dim = self.attention_head_dim
-        return {
+        config = {
             "sample_size": self.sample_size,
             "in_channels": 4,
             "out_channels": 4,
@@ -88,6 +130,14 @@ class UNetSpec:
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
         }
+        if self.transformer_layers_per_block != 1:
+            layers = self.transformer_layers_per_block
+            config["transformer_layers_per_block"] = list(layers) if isinstance(layers, tuple) else layers
+        if self.text_time is not None:
+            config["addition_embed_type"] = "text_time"
+            config["addition_time_embed_dim"] = self.text_time.time_embed_dim
+            config["projection_class_embeddings_input_dim"] = self.text_time.input_dim
+        return config
 
 
 @dataclass(frozen=True)
@@ -96,10 +146,12 @@ class VaeSpec:
     layers_per_block: int
     norm_num_groups: int
     sample_size: int
+    scaling_factor: float = 0.18215  # SDXL's VAE: 0.13025
+    force_upcast: bool | None = None  # None: unstated, as in SD 1/2's config (diffusers' default, True)
 
     def config(self) -> dict[str, Any]:
         levels = len(self.block_out_channels)
-        return {
+        config = {
             "in_channels": 3,
             "out_channels": 3,
             "down_block_types": ("DownEncoderBlock2D",) * levels,
@@ -110,8 +162,11 @@ class VaeSpec:
             "latent_channels": 4,
             "norm_num_groups": self.norm_num_groups,
             "sample_size": self.sample_size,
-            "scaling_factor": 0.18215,
+            "scaling_factor": self.scaling_factor,
         }
+        if self.force_upcast is not None:
+            config["force_upcast"] = self.force_upcast
+        return config
 
 
 @dataclass(frozen=True)
@@ -134,9 +189,11 @@ class TokenizerSpec:
 class SchedulerSpec:
     class_name: str
     prediction_type: str
+    extra: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs a model's config adds to SD 1/2's
 
     def config(self) -> dict[str, Any]:
-        """As in scheduler_config.json of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1."""
+        """As in scheduler_config.json of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1
+        and, with ``extra``, stabilityai/stable-diffusion-xl-base-1.0."""
         return {
             "num_train_timesteps": 1000,
             "beta_start": 0.00085,
@@ -149,16 +206,54 @@ class SchedulerSpec:
             "steps_offset": 1,
             "prediction_type": self.prediction_type,
             "timestep_spacing": "leading",
+            **dict(self.extra),
         }
 
 
 @dataclass(frozen=True)
 class PresetSpec:
+    """A preset's architecture. SDXL presets add ``text_encoder_2`` (a CLIPTextModelWithProjection, whose
+    projected pooled output feeds the UNet's text_time conditioning) and its ``tokenizer_2``.
+
+    Raises ValueError when the parts do not fit together (cross-attention width, pooled width).
+    """
+
     unet: UNetSpec
     vae: VaeSpec
     text_encoder: TextEncoderSpec
     tokenizer: TokenizerSpec
     scheduler: SchedulerSpec
+    text_encoder_2: TextEncoderSpec | None = None
+    tokenizer_2: TokenizerSpec | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 come together")
+        context = sum(te.hidden_size for _, te, _ in self.text_encoders())
+        if self.unet.cross_attention_dim != context:
+            width = self.unet.cross_attention_dim
+            raise ValueError(f"UNet cross_attention_dim {width} != context width {context}")
+        pooled = None if self.text_encoder_2 is None else self.text_encoder_2.projection_dim
+        if (None if self.unet.text_time is None else self.unet.text_time.pooled_dim) != pooled:
+            raise ValueError(f"UNet text_time conditioning {self.unet.text_time} != pooled width {pooled}")
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether this is an SDXL preset (two text encoders, text_time conditioning)."""
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> tuple[tuple[str, TextEncoderSpec, TokenizerSpec], ...]:
+        """(folder name, encoder, its tokenizer) per text encoder, in context order: SDXL's context is
+        text_encoder's hidden states joined with text_encoder_2's along the feature axis."""
+        first = (("text_encoder", self.text_encoder, self.tokenizer),)
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            return first
+        return (*first, ("text_encoder_2", self.text_encoder_2, self.tokenizer_2))
+
+    def tokenizers(self) -> tuple[tuple[str, TokenizerSpec], ...]:
+        """(folder name, spec) per tokenizer: "tokenizer", and "tokenizer_2" on SDXL."""
+        names = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+        return tuple((names[name], tokenizer) for name, _, tokenizer in self.text_encoders())
 
 
 _SD_VAE = VaeSpec(
@@ -167,8 +262,22 @@ _SD_VAE = VaeSpec(
 _TINY_VAE = VaeSpec(
     block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64
 )
+_SDXL_VAE = VaeSpec(
+    _SD_VAE.block_out_channels, 2, 32, sample_size=1024, scaling_factor=0.13025, force_upcast=True
+)
+_TINY_XL_VAE = VaeSpec(
+    _TINY_VAE.block_out_channels, 1, 8, sample_size=64, scaling_factor=0.13025, force_upcast=True
+)
 _EPSILON = SchedulerSpec(class_name="PNDMScheduler", prediction_type="epsilon")
 _V_PREDICTION = SchedulerSpec(class_name="DDIMScheduler", prediction_type="v_prediction")
+_SDXL_EULER = SchedulerSpec(
+    class_name="EulerDiscreteScheduler",
+    prediction_type="epsilon",
+    extra=(("interpolation_type", "linear"), ("sample_max_value", 1.0), ("use_karras_sigmas", False)),
+)
+# SDXL base 1.0's encoders: OpenAI CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (projected, "!" padding).
+_CLIP_L = TextEncoderSpec(768, 12, 12, 3072, "quick_gelu", projection_dim=768)
+_OPENCLIP_BIGG = TextEncoderSpec(1280, 32, 20, 5120, "gelu", projection_dim=1280)
 
 _SPECS: Mapping[Preset, PresetSpec] = MappingProxyType(
     {
@@ -202,6 +311,27 @@ _SPECS: Mapping[Preset, PresetSpec] = MappingProxyType(
             tokenizer=TokenizerSpec(vocab_size=1000, pad_token="!"),
             scheduler=_V_PREDICTION,
         ),
+        # Every width distinct (32, 64, projection 40, context 96, text_time input 88), so a mix-up fails.
+        Preset.TINY_XL: PresetSpec(
+            unet=UNetSpec(
+                block_out_channels=(32, 64, 128),
+                layers_per_block=1,
+                attention_head_dim=(2, 4, 8),
+                cross_attention_dim=32 + 64,
+                norm_num_groups=8,
+                sample_size=8,
+                use_linear_projection=True,
+                layout=UNetLayout.SDXL,
+                transformer_layers_per_block=(1, 1, 2),
+                text_time=TextTimeSpec(time_embed_dim=8, pooled_dim=40),
+            ),
+            vae=_TINY_XL_VAE,
+            text_encoder=TextEncoderSpec(32, 2, 2, 64, "quick_gelu", projection_dim=32),
+            tokenizer=TokenizerSpec(vocab_size=1000, pad_token=EOS_TOKEN),
+            text_encoder_2=TextEncoderSpec(64, 3, 4, 128, "gelu", projection_dim=40),
+            tokenizer_2=TokenizerSpec(vocab_size=1000, pad_token="!"),
+            scheduler=_SDXL_EULER,
+        ),
         Preset.SD15: PresetSpec(
             unet=UNetSpec(
                 block_out_channels=(320, 640, 1280, 1280),
@@ -231,6 +361,27 @@ _SPECS: Mapping[Preset, PresetSpec] = MappingProxyType(
             text_encoder=TextEncoderSpec(1024, 23, 16, 4096, "gelu", projection_dim=512),
             tokenizer=TokenizerSpec(vocab_size=49408, pad_token="!"),
             scheduler=_V_PREDICTION,
+        ),
+        # stabilityai/stable-diffusion-xl-base-1.0's configs (upcast_attention: null there, False here).
+        Preset.SDXL: PresetSpec(
+            unet=UNetSpec(
+                block_out_channels=(320, 640, 1280),
+                layers_per_block=2,
+                attention_head_dim=(5, 10, 20),
+                cross_attention_dim=768 + 1280,
+                norm_num_groups=32,
+                sample_size=128,
+                use_linear_projection=True,
+                layout=UNetLayout.SDXL,
+                transformer_layers_per_block=(1, 2, 10),
+                text_time=TextTimeSpec(time_embed_dim=256, pooled_dim=1280),
+            ),
+            vae=_SDXL_VAE,
+            text_encoder=_CLIP_L,
+            tokenizer=TokenizerSpec(vocab_size=49408, pad_token=EOS_TOKEN),
+            text_encoder_2=_OPENCLIP_BIGG,
+            tokenizer_2=TokenizerSpec(vocab_size=49408, pad_token="!"),
+            scheduler=_SDXL_EULER,
         ),
     }
 )
@@ -332,6 +483,13 @@ def write_tokenizer(directory: Path, spec: TokenizerSpec) -> None:
 
 # --- networks --------------------------------------------------------------------------------
 
+# diffusers shards weights above 10 GB by default; SDXL's fp32 UNet (10.3 GB) stays one file, as in
+# the real model folder (sharded folders are not read yet).
+_ONE_FILE = "100GB"
+# Parameter count above which a network is followed by a full garbage collection. One takes ~0.25 s
+# with torch, diffusers and transformers loaded: most of a tiny preset's build time, for nothing.
+_COLLECT_ABOVE = 10_000_000
+
 
 def component_seed(seed: int, component: str) -> int:
     """Independent seed per component, so adding or reordering components changes nothing else."""
@@ -348,11 +506,20 @@ def _seeded(seed: int, component: str, build: Callable[[], Any]) -> Any:
         return build()
 
 
-def text_encoder_config(spec: PresetSpec) -> Any:
-    """CLIPTextConfig whose special-token ids match the tokenizer (the pooled output finds EOS by id)."""
+def text_encoder_config(spec: PresetSpec, component: str = "text_encoder") -> Any:
+    """CLIPTextConfig of ``component`` ("text_encoder", or "text_encoder_2" on SDXL presets) whose
+    special-token ids match its tokenizer (the pooled output finds EOS by id).
+
+    Raises ValueError for a component the preset does not have.
+    """
     from transformers import CLIPTextConfig
 
-    te, vocab_size = spec.text_encoder, spec.tokenizer.vocab_size
+    found = [(te, tok) for name, te, tok in spec.text_encoders() if name == component]
+    if not found:
+        names = ", ".join(name for name, _, _ in spec.text_encoders())
+        raise ValueError(f"no text encoder {component!r} in this preset; it has: {names}")
+    te, tokenizer = found[0]
+    vocab_size = tokenizer.vocab_size
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=te.hidden_size,
@@ -365,16 +532,31 @@ def text_encoder_config(spec: PresetSpec) -> Any:
         layer_norm_eps=1e-5,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
-        pad_token_id=special_token_id(spec.tokenizer.pad_token, vocab_size),
+        pad_token_id=special_token_id(tokenizer.pad_token, vocab_size),
     )
 
 
-def _save_text_encoder(directory: Path, spec: PresetSpec, seed: int) -> None:
-    from transformers import CLIPTextModel
+def text_encoder_class(component: str) -> str:
+    """The transformers class of a text encoder folder: SDXL's second encoder carries the projection
+    whose output is the pooled embedding (``text_embeds``)."""
+    return "CLIPTextModelWithProjection" if component == "text_encoder_2" else "CLIPTextModel"
 
-    config = text_encoder_config(spec)
-    model = _seeded(seed, "text_encoder", lambda: _trained_like_norms(CLIPTextModel(config)))
-    model.save_pretrained(directory)  # transformers 5 always writes safetensors
+
+def _save_network(directory: Path, model: Any, **options: Any) -> int:
+    """``model.save_pretrained(directory, **options)``; returns the parameter count."""
+    model.save_pretrained(directory, **options)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _save_text_encoder(directory: Path, spec: PresetSpec, seed: int) -> int:
+    """The text encoder named as ``directory`` ("text_encoder" or "text_encoder_2"), seeded by that name."""
+    import transformers
+
+    component = directory.name
+    config = text_encoder_config(spec, component)
+    model_class = getattr(transformers, text_encoder_class(component))
+    model = _seeded(seed, component, lambda: _trained_like_norms(model_class(config)))
+    return _save_network(directory, model)  # transformers 5 always writes safetensors
 
 
 def _trained_like_norms(model: Any) -> Any:
@@ -391,18 +573,18 @@ def _trained_like_norms(model: Any) -> Any:
     return model
 
 
-def _save_unet(directory: Path, spec: PresetSpec, seed: int) -> None:
+def _save_unet(directory: Path, spec: PresetSpec, seed: int) -> int:
     from diffusers import UNet2DConditionModel
 
     model = _seeded(seed, "unet", lambda: UNet2DConditionModel(**spec.unet.config()))
-    model.save_pretrained(directory, safe_serialization=True)
+    return _save_network(directory, model, safe_serialization=True, max_shard_size=_ONE_FILE)
 
 
-def _save_vae(directory: Path, spec: PresetSpec, seed: int) -> None:
+def _save_vae(directory: Path, spec: PresetSpec, seed: int) -> int:
     from diffusers import AutoencoderKL
 
     model = _seeded(seed, "vae", lambda: AutoencoderKL(**spec.vae.config()))
-    model.save_pretrained(directory, safe_serialization=True)
+    return _save_network(directory, model, safe_serialization=True, max_shard_size=_ONE_FILE)
 
 
 def _save_scheduler(directory: Path, spec: PresetSpec) -> None:
@@ -412,35 +594,46 @@ def _save_scheduler(directory: Path, spec: PresetSpec) -> None:
     scheduler_class.from_config(spec.scheduler.config()).save_pretrained(directory)
 
 
-def _write_model_index(directory: Path, spec: PresetSpec) -> None:
+def _model_index(spec: PresetSpec) -> dict[str, Any]:
+    """model_index.json's entries. SDXL: ``force_zeros_for_empty_prompt`` as in SDXL base 1.0, and
+    ``add_watermarker`` false, so diffusers' output does not depend on whether invisible-watermark is
+    installed."""
     import diffusers
 
-    _write_json(
-        directory / "model_index.json",
-        {
+    if spec.is_xl:
+        pipeline: dict[str, Any] = {
+            "_class_name": "StableDiffusionXLPipeline",
+            "add_watermarker": False,
+            "force_zeros_for_empty_prompt": True,
+        }
+    else:
+        pipeline = {
             "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
             "requires_safety_checker": False,
             "safety_checker": [None, None],
-            "scheduler": ["diffusers", spec.scheduler.class_name],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
+        }
+    components = {
+        "scheduler": ["diffusers", spec.scheduler.class_name],
+        **{name: ["transformers", text_encoder_class(name)] for name, _, _ in spec.text_encoders()},
+        **{name: ["transformers", "CLIPTokenizer"] for name, _ in spec.tokenizers()},
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    optional = {"feature_extractor": [None, None], "image_encoder": [None, None]}
+    index = {**pipeline, "_diffusers_version": diffusers.__version__, **optional, **components}
+    return dict(sorted(index.items()))
 
 
 def _write_folder(directory: Path, spec: PresetSpec, seed: int) -> None:
-    """One component at a time, each freed before the next, to bound peak memory at SD size."""
-    write_tokenizer(directory / "tokenizer", spec.tokenizer)
+    """One component at a time, each freed before the next, to bound peak memory at SD / SDXL size."""
+    for name, tokenizer in spec.tokenizers():
+        write_tokenizer(directory / name, tokenizer)
     _save_scheduler(directory / "scheduler", spec)
-    for name, save in (("text_encoder", _save_text_encoder), ("vae", _save_vae), ("unet", _save_unet)):
-        save(directory / name, spec, seed)
-        gc.collect()
-    _write_model_index(directory, spec)
+    networks = [(name, _save_text_encoder) for name, _, _ in spec.text_encoders()]
+    for name, save in (*networks, ("vae", _save_vae), ("unet", _save_unet)):
+        if save(directory / name, spec, seed) > _COLLECT_ABOVE:
+            gc.collect()  # a safety net: the networks hold no reference cycles, they free on return
+    _write_json(directory / "model_index.json", _model_index(spec))
     _match_weight_permissions(directory)
 
 

@@ -13,7 +13,7 @@ Export side only: ``load()`` imports torch.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -134,8 +134,9 @@ class ModelSource:
 
     path: Path
     kind: SourceKind
-    family: str  # "sd1" | "sd2"
-    configs: Mapping[str, Mapping[str, Any]]  # "unet", "vae", "text_encoder", "scheduler" (diffusers)
+    family: str  # "sd1" | "sd2" | "sdxl"
+    # "unet", "vae", "text_encoder", "scheduler" (diffusers configs); SDXL adds "text_encoder_2"
+    configs: Mapping[str, Mapping[str, Any]]
     prediction_type: str
     prediction_source: str  # how prediction_type was decided: "config", "option", "yaml", ...
     identity: ModelIdentity
@@ -146,27 +147,46 @@ class ModelSource:
     folder: ModelFolder | None = field(default=None, repr=False)
     checkpoint: Checkpoint | None = field(default=None, repr=False)
 
-    def write_tokenizer(self, target: Path) -> None:
-        """Copy the model's tokenizer folder to ``target`` (the bundled CLIP BPE for single files)."""
-        source = self.folder.root / "tokenizer" if self.folder else self.checkpoint.tokenizer_dir
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The tokenizer folders the model has, one per text encoder (SDXL: tokenizer, tokenizer_2)."""
+        return ("tokenizer", "tokenizer_2") if "text_encoder_2" in self.configs else ("tokenizer",)
+
+    def write_tokenizer(self, target: Path, component: str = "tokenizer") -> None:
+        """Copy the model's ``component`` tokenizer folder (``tokenizer`` or SDXL's ``tokenizer_2``) to
+        ``target``; for single files without one, the bundled CLIP BPE padded as the model's family pads
+        (SD 2 and SDXL's second tokenizer: "!", else EOS)."""
+        if self.folder:
+            source: Path | None = self.folder.root / component
+        else:
+            source = (
+                self.checkpoint.tokenizer_dir if component == "tokenizer" else self.checkpoint.tokenizer_2_dir
+            )
         if source is not None:
             shutil.copytree(source, target)
             return
         from engine.text.tokenizer import EOS_TOKEN, SD2_PAD_TOKEN, bundled_bpe_path, write_tokenizer_folder
 
-        write_tokenizer_folder(
-            bundled_bpe_path(), target, SD2_PAD_TOKEN if self.family == "sd2" else EOS_TOKEN
-        )
+        bang = self.family == "sd2" or component == "tokenizer_2"
+        write_tokenizer_folder(bundled_bpe_path(), target, SD2_PAD_TOKEN if bang else EOS_TOKEN)
 
-    def load(self) -> SourceModel:
-        """The three networks as float32 torch modules in eval mode (imports torch)."""
+    def load(self, only: Collection[str] | None = None) -> SourceModel:
+        """The networks as float32 torch modules in eval mode (imports torch); ``only``: just these
+        components ("unet", "vae", "text_encoder", "text_encoder_2"), the others None."""
         from engine.models.torch_modules import load_source_model
 
         if self.checkpoint is not None:
             from engine.models.checkpoint.single_file import load_checkpoint
 
-            return load_checkpoint(self.checkpoint)
-        return load_source_model(self.folder, vae=self.options.vae)
+            return replace(load_checkpoint(self.checkpoint, only), xl=self.family == "sdxl")
+        return load_source_model(self.folder, vae=self.options.vae, only=only)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: whether an empty negative prompt conditions on zeros (model_index.json's flag, as
+        diffusers' StableDiffusionXLPipeline reads it; true when absent and for single files)."""
+        index = self.folder.index if self.folder else {}
+        return bool(index.get("force_zeros_for_empty_prompt", True))
 
     def manifest_source(self) -> dict[str, Any]:
         """The manifest's ``source``: where the model came from, its identity and how it was read."""
@@ -180,6 +200,8 @@ class ModelSource:
             "notes": list(self.notes),
             "scheduler_migrations": list(self.migrations),
         }
+        if self.family == "sdxl":
+            source["force_zeros_for_empty_prompt"] = self.force_zeros_for_empty_prompt
         if self.folder is not None:
             source.update(
                 model_dir=str(self.folder.root.absolute()),

@@ -6,7 +6,7 @@ Export traces them to ONNX and the torch backend runs them, so both speak the in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,8 +54,17 @@ class UNetWrapper(nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
+        return self.denoise(sample, self.time_embedding(sample, timestep), encoder_hidden_states)
+
+    def time_embedding(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         unet = self.unet
-        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        return unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+
+    def denoise(
+        self, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's blocks given its (B, E) embedding of timestep and added conditioning."""
+        unet = self.unet
         hidden = unet.conv_in(sample)
         skips: tuple[torch.Tensor, ...] = (hidden,)
         for block in unet.down_blocks:
@@ -73,6 +82,44 @@ class UNetWrapper(nn.Module):
         if unet.conv_norm_out is not None:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)
+
+
+class XlUNetWrapper(UNetWrapper):
+    """SDXL's UNet: diffusers' "text_time" added conditioning, ``text_embeds`` (B, P) and ``time_ids``
+    (B, 6), added to the timestep embedding as UNet2DConditionModel.forward adds them."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        emb = self.time_embedding(sample, timestep)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        emb = emb + self.unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added
+        )
+        return self.denoise(sample, emb, encoder_hidden_states)
+
+
+class XlTextEncoderWrapper(nn.Module):
+    """An SDXL text encoder: every layer's output without the final layer norm, stacked (B, L, S, H)
+    (the conditioning is the penultimate one, diffusers' ``hidden_states[-2]``); with ``projected``
+    (text_encoder_2, a CLIPTextModelWithProjection) also its pooled, projected ``text_embeds`` (B, P).
+    The module is registered under ``component``, the name LoRA targets use."""
+
+    def __init__(self, text_encoder: nn.Module, component: str, projected: bool) -> None:
+        super().__init__()
+        self.component = component
+        self.projected = projected
+        self.add_module(component, text_encoder)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = getattr(self, self.component)(input_ids, output_hidden_states=True)
+        stacked = torch.stack(out.hidden_states[1:], dim=1)
+        return (stacked, out.text_embeds) if self.projected else stacked
 
 
 def _cross_attention_kwargs(block: nn.Module, encoder_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,19 +163,37 @@ class GuidedUNet(nn.Module):
         self.unet = unet
 
     def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        guidance_scale: torch.Tensor,
+        self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor
     ) -> torch.Tensor:
-        noise = self.unet(torch.cat([sample, sample]), torch.cat([timestep, timestep]), encoder_hidden_states)
+        """conditioning: encoder_hidden_states (2B, S, D) (SDXL: then text_embeds and time_ids, 2B rows
+        each), then guidance_scale (1,)."""
+        *rows, guidance_scale = conditioning
+        noise = self.unet(torch.cat([sample, sample]), torch.cat([timestep, timestep]), *rows)
         uncond, text = noise.float().chunk(2)
         return uncond + guidance_scale.float() * (text - uncond)
 
 
-def wrap(network: Network, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> nn.Module:
-    """The wrapper module for one network, in eval mode."""
+def wrap(
+    network: Network,
+    text_encoder: nn.Module | None,
+    unet: nn.Module | None,
+    vae: nn.Module | None,
+    text_encoder_2: nn.Module | None = None,
+    xl: bool | None = None,
+) -> nn.Module:
+    """The wrapper module for one network, in eval mode; SDXL's wrappers when ``xl`` (None: when
+    ``text_encoder_2`` is given). Only the module the network runs needs to be given."""
+    if text_encoder_2 is not None if xl is None else xl:
+        xl = {
+            Network.TEXT_ENCODER: lambda: XlTextEncoderWrapper(text_encoder, "text_encoder", projected=False),
+            Network.TEXT_ENCODER_2: lambda: XlTextEncoderWrapper(
+                text_encoder_2, "text_encoder_2", projected=True
+            ),
+            Network.UNET: lambda: XlUNetWrapper(unet),
+            Network.UNET_CFG: lambda: GuidedUNet(XlUNetWrapper(unet)),
+        }
+        if network in xl:
+            return xl[network]().eval()
     wrappers = {
         Network.TEXT_ENCODER: lambda: TextEncoderWrapper(text_encoder),
         Network.UNET: lambda: UNetWrapper(unet),
@@ -136,19 +201,24 @@ def wrap(network: Network, text_encoder: nn.Module, unet: nn.Module, vae: nn.Mod
         Network.VAE_DECODER: lambda: VaeDecoderWrapper(vae),
         Network.VAE_ENCODER: lambda: VaeEncoderWrapper(vae),
     }
+    if network not in wrappers:
+        raise ModelFolderError(f"the model has no {network.value} (it is not an SDXL model)")
     return wrappers[network]().eval()
 
 
 @dataclass(frozen=True)
 class SourceModel:
-    """The torch networks of a diffusers folder, in float32 eval mode."""
+    """The torch networks of a diffusers folder, in float32 eval mode (``text_encoder_2``: SDXL's
+    CLIPTextModelWithProjection, None for SD 1.x / 2.x)."""
 
-    text_encoder: nn.Module
-    unet: nn.Module
-    vae: nn.Module
+    text_encoder: nn.Module | None
+    unet: nn.Module | None
+    vae: nn.Module | None
+    text_encoder_2: nn.Module | None = None
+    xl: bool | None = None  # None: whether text_encoder_2 is given (a partial load says it)
 
     def wrapper(self, network: Network) -> nn.Module:
-        return wrap(network, self.text_encoder, self.unet, self.vae)
+        return wrap(network, self.text_encoder, self.unet, self.vae, self.text_encoder_2, self.xl)
 
 
 def lora_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -165,20 +235,25 @@ def lora_modules(module: nn.Module) -> dict[str, nn.Module]:
 
 def _component_classes() -> dict[str, type]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    return {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
 
 
 def meta_module(component: str, config: Mapping[str, Any]) -> nn.Module:
-    """The network ("unet", "vae", "text_encoder") that ``config`` (a diffusers config dict, or a
-    CLIPTextConfig dict for the text encoder) describes, built on the meta device: shapes and
+    """The network ("unet", "vae", "text_encoder", "text_encoder_2") that ``config`` (a diffusers config
+    dict, or a CLIPTextConfig dict for a text encoder) describes, built on the meta device: shapes and
     ``.config`` without memory, well under a second. One-line ModelFolderError
     "<component> config is not valid: ..." when diffusers / transformers reject the config."""
     cls = _component_classes()[component]
     try:
         with torch.device("meta"):
-            if component == "text_encoder":
+            if component.startswith("text_encoder"):
                 from transformers import CLIPTextConfig
 
                 return cls(CLIPTextConfig(**config))
@@ -222,7 +297,7 @@ def check_weight_shapes(folder: ModelFolder, component: str) -> None:
     model = meta_module(component, folder.configs[component])
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     found = tensor_shapes(weights.path)
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         expected = canonical_text_encoder_keys(expected, type(model).__name__)
         found = canonical_text_encoder_keys(found, weights.path.name)
     for name, shape in expected.items():
@@ -259,19 +334,32 @@ def load_component(folder: ModelFolder, component: str) -> nn.Module:
 def check_folder_weights(folder: ModelFolder, vae: Path | None = None) -> None:
     """Every network's safetensors header against its config (meta-device models, no weights read);
     the folder's VAE is skipped when ``vae`` replaces it. ModelFolderError on the first mismatch."""
-    for component in _component_classes():
+    for component in folder.weights:
         if component != "vae" or vae is None:
             check_weight_shapes(folder, component)
 
 
-def load_source_model(folder: ModelFolder, vae: Path | None = None) -> SourceModel:
-    """Load the three networks in float32 (fp16 variant files are upcast), shapes checked first;
-    ``vae``: a diffusers AutoencoderKL folder or single-file VAE to use instead of the folder's."""
+def load_source_model(
+    folder: ModelFolder, vae: Path | None = None, only: Collection[str] | None = None
+) -> SourceModel:
+    """Load the networks in float32 (fp16 variant files are upcast), shapes checked first; ``vae``: a
+    diffusers AutoencoderKL folder or single-file VAE to use instead of the folder's; ``only``: just these
+    components ("unet", "vae", "text_encoder", "text_encoder_2"), the others None."""
     check_folder_weights(folder, vae)
+
+    def load(component: str) -> nn.Module | None:
+        if component not in folder.weights or (only is not None and component not in only):
+            return None
+        if component == "vae" and vae is not None:
+            return load_vae(vae, folder.configs["vae"])
+        return load_component(folder, component)
+
     return SourceModel(
-        text_encoder=load_component(folder, "text_encoder"),
-        unet=load_component(folder, "unet"),
-        vae=load_component(folder, "vae") if vae is None else load_vae(vae, folder.configs["vae"]),
+        text_encoder=load("text_encoder"),
+        unet=load("unet"),
+        vae=load("vae"),
+        text_encoder_2=load("text_encoder_2"),
+        xl="text_encoder_2" in folder.weights,
     )
 
 

@@ -9,7 +9,8 @@ every other conversion (see :func:`engine.export.parity_gate`, against
 :class:`engine.models.torch_modules.GuidedUNet`).
 
 The rewrite: ``sample`` and ``timestep`` are concatenated with themselves (Concat on axis 0) before
-the original nodes; the original output is split in two (uncond, text) and combined as
+the original nodes; the conditioning inputs (embeddings; SDXL's text_embeds and time_ids) take the
+doubled batch as they are; the original output is split in two (uncond, text) and combined as
 ``uncond + guidance_scale * (text - uncond)``.
 """
 
@@ -31,20 +32,22 @@ def derive_cfg_graph(unet_path: Path, out_path: Path, unet: GraphSpec, fused: Gr
 
     model = onnx.load(str(unet_path), load_external_data=False)
     graph = model.graph
-    sample, timestep, context = (t.name for t in unet.inputs)
+    sample, timestep = (t.name for t in unet.inputs[:2])
+    conditioning = [t.name for t in unet.inputs[2:]]  # embeddings (SDXL: text_embeds, time_ids too)
     output = unet.outputs[0].name
     check_interface(graph, unet)
     taken = all_names(graph)
     doubled = {name: unique(f"{PREFIX}{name}_x2", taken) for name in (sample, timestep)}
     raw = unique(f"{PREFIX}{output}_x2", taken)
     rename_uses(graph.node, {**doubled, output: raw})
-    scale = fused.inputs[3]
+    scale = fused.inputs[-1]
     body = list(graph.node)
     del graph.node[:]
     graph.node.extend(doubling_nodes(doubled))
     graph.node.extend(body)
     graph.node.extend(combine_nodes(raw, scale.name, fused.outputs[0].name, taken))
-    set_context_batch(graph, context)
+    for name in conditioning:
+        set_context_batch(graph, name)
     graph.input.append(value_info(scale))
     replace_output(graph, output, fused.outputs[0])
     del graph.value_info[:]  # the inner batch is now twice the input's: the old annotations would lie
@@ -113,9 +116,9 @@ def combine_nodes(raw: str, scale: str, output: str, taken: set[str]) -> list[An
     ]
 
 
-def set_context_batch(graph: Any, context: str) -> None:
-    """The embeddings' batch axis becomes its own symbol: twice the latents' batch."""
-    (value,) = [v for v in graph.input if v.name == context]
+def set_context_batch(graph: Any, name: str) -> None:
+    """A conditioning input's batch axis becomes its own symbol: twice the latents' batch."""
+    (value,) = [v for v in graph.input if v.name == name]
     first = value.type.tensor_type.shape.dim[0]
     first.ClearField("dim_value")
     first.dim_param = CONTEXT_BATCH

@@ -12,22 +12,23 @@ manifest names, and nothing that needs ONNX graphs (see :func:`engine.manifest.r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.errors import EngineError, ParityError
+from engine.errors import EngineError, ModelFolderError, ParityError
 from engine.fsutil import staged_folder
 from engine.hashing import graph_content_hash
-from engine.manifest import TOKENIZER_DIR, GraphEntry, Manifest, Variant, write_manifest
+from engine.manifest import GraphEntry, Manifest, Variant, write_manifest
 from engine.models.source import ModelSource, SourceOptions, open_model_source
 from engine.onnx.attention_fusion import write_fused
 from engine.onnx.cfg_graph import derive_cfg_graph
@@ -41,7 +42,6 @@ from engine.specs import (
     axis_sizes,
     graph_specs,
     sample_inputs,
-    unet_cfg_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ ATTENTION_FUSED = (Network.UNET, Network.UNET_CFG)
 
 
 # Graphs a LoRA patches: their Linear / Conv2d weights are mapped to initializers in the manifest.
-LORA_NETWORKS = (Network.TEXT_ENCODER, Network.UNET, Network.UNET_CFG)
+LORA_NETWORKS = (Network.TEXT_ENCODER, Network.TEXT_ENCODER_2, Network.UNET, Network.UNET_CFG)
 
 
 # Parity shapes: the second has latent sides that are not multiples of 8 and a 2-chunk text.
@@ -117,13 +117,49 @@ class ExportResult:
 
 def model_dims(source: ModelSource) -> ModelDims:
     unet, vae, text = source.configs["unet"], source.configs["vae"], source.configs["text_encoder"]
-    return ModelDims(
+    dims = ModelDims(
         latent_channels=int(unet.get("in_channels", 4)),
         text_hidden_size=int(text["hidden_size"]),
         text_max_length=int(text.get("max_position_embeddings", 77)),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
         text_num_layers=int(text["num_hidden_layers"]),
     )
+    text_2 = source.configs.get("text_encoder_2")
+    return dims if text_2 is None else xl_dims(dims, unet, text_2)
+
+
+def xl_dims(dims: ModelDims, unet: Mapping[str, Any], text_2: Mapping[str, Any]) -> ModelDims:
+    """SDXL's sizes: the second encoder's width, layers and projection, and the number of time ids
+    ((projection_class_embeddings_input_dim - pooled) / addition_time_embed_dim: 6 for the base model,
+    5 for the refiner's aesthetic score). ModelFolderError when the UNet is not "text_time" conditioned
+    to fit them."""
+    pooled = int(text_2.get("projection_dim", text_2["hidden_size"]))
+    per_id = int(unet.get("addition_time_embed_dim") or 0)
+    total = int(unet.get("projection_class_embeddings_input_dim") or 0)
+    if unet.get("addition_embed_type") != "text_time" or per_id <= 0 or (total - pooled) % per_id:
+        raise ModelFolderError(
+            "unet: an SDXL model needs addition_embed_type 'text_time' with "
+            f"projection_class_embeddings_input_dim = time ids x addition_time_embed_dim + {pooled} "
+            "(the pooled width); the config has "
+            f"{unet.get('addition_embed_type')!r}, {total}, {per_id}"
+        )
+    return dataclasses.replace(
+        dims,
+        text_hidden_size_2=int(text_2["hidden_size"]),
+        text_num_layers_2=int(text_2["num_hidden_layers"]),
+        pooled_size=pooled,
+        time_ids_size=(total - pooled) // per_id,
+    )
+
+
+def selected_networks(settings: ExportSettings, dims: ModelDims) -> tuple[Network, ...]:
+    """The settings' networks the model has (text_encoder_2 only for SDXL); EngineError when a network
+    was asked for by name that the model lacks."""
+    chosen = tuple(n for n in settings.networks if n in dims.networks)
+    if settings.networks != tuple(Network) and len(chosen) < len(settings.networks):
+        missing = [n.value for n in settings.networks if n not in chosen]
+        raise EngineError(f"the model has no {', '.join(missing)} network (only SDXL has text_encoder_2)")
+    return chosen
 
 
 def export_model(
@@ -160,39 +196,132 @@ def report_source(source: ModelSource, progress: Callable[[str], None]) -> None:
     )
 
 
+# The source component each network runs: export loads one component at a time and frees it before the
+# next, so an SDXL export never holds the whole model (its fp32 UNet alone is 10.3 GB).
+COMPONENT_OF = {
+    Network.TEXT_ENCODER: "text_encoder",
+    Network.TEXT_ENCODER_2: "text_encoder_2",
+    Network.UNET: "unet",
+    Network.UNET_CFG: "unet",
+    Network.VAE_DECODER: "vae",
+    Network.VAE_ENCODER: "vae",
+}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One parity input: the axis sizes, the random feeds and torch's outputs for them."""
+
+    sizes: Mapping[str, int]
+    feeds: Mapping[str, np.ndarray]
+    expected: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PendingGraph:
+    """A graph written (with its variant and weight map) and its torch references taken, waiting for
+    its ONNX Runtime gate, which runs once the torch network is freed."""
+
+    entry: GraphEntry
+    cases: tuple[ParityCase, ...]
+    seed: int
+
+
 def _export_into(
     model: ModelSource, out: Path, settings: ExportSettings, progress: Callable[[str], None]
 ) -> tuple[Manifest, dict[str, float]]:
-    start = time.perf_counter()
-    source = model.load()
-    seconds = {"load": time.perf_counter() - start}
+    """Per source component: load it, write and reference each of its graphs, free it, then gate the
+    graphs on ONNX Runtime, so torch's and ONNX Runtime's copies of big weights never coexist."""
     dims = model_dims(model)
-    specs = graph_specs(dims)
-    model.write_tokenizer(out / TOKENIZER_DIR)
-    vocab_size = int(model.configs["text_encoder"].get("vocab_size", 49408))
+    write_tokenizers(model, out)
+    networks = selected_networks(settings, dims)
     graphs: dict[Network, GraphEntry] = {}
-    for network in settings.networks:
-        progress(f"exporting {network.value}")
+    seconds: dict[str, float] = {}
+    for component in dict.fromkeys(COMPONENT_OF[n] for n in networks):
         start = time.perf_counter()
-        module = source.wrapper(network)
-        if network is Network.UNET_CFG:
-            graphs[network] = derive_cfg_network(
-                module, graphs[Network.UNET], out, settings, dims, vocab_size
+        source = model.load(only=(component,))
+        seconds[f"load {component}"] = time.perf_counter() - start
+        group = [n for n in networks if COMPONENT_OF[n] == component]
+        pending = {}
+        for network in group:
+            progress(f"exporting {network.value}")
+            start = time.perf_counter()
+            pending[network] = write_network(
+                network, source.wrapper(network), out, settings, dims, model, graphs
             )
-        else:
-            graphs[network] = convert_network(
-                network, module, specs[network], out, settings, dims, vocab_size
+            graphs[network] = pending[network].entry  # unet_cfg derives from the unet's file
+            seconds[network.value] = time.perf_counter() - start
+        del source
+        release_memory()
+        for network in group:
+            start = time.perf_counter()
+            graphs[network] = gate_pending(pending.pop(network), out, settings)
+            seconds[network.value] += time.perf_counter() - start
+            parity = graphs[network].parity
+            progress(
+                f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}"
             )
-        if network in ATTENTION_FUSED:
-            graphs[network] = with_fused_attention(graphs[network], module, out, settings, dims, vocab_size)
-        if network in LORA_NETWORKS:
-            graphs[network] = with_weight_map(graphs[network], module, out)
-        seconds[network.value] = time.perf_counter() - start
-        parity = graphs[network].parity
-        progress(f"  {network.value}: {seconds[network.value]:.1f} s, rel L2 {parity['worst_rel_l2']:.2e}")
     manifest = build_manifest(model, dims, graphs)
     write_manifest(out, manifest)
     return manifest, seconds
+
+
+def release_memory() -> None:
+    """Free what the last torch network held: Python's cycles, then the C heap's free pages (glibc)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def write_network(
+    network: Network,
+    module: Any,
+    out: Path,
+    settings: ExportSettings,
+    dims: ModelDims,
+    model: ModelSource,
+    graphs: Mapping[Network, GraphEntry],
+) -> PendingGraph:
+    """The network's ONNX file (the unet_cfg graph rewritten from the unet's), its ONNX Runtime variant
+    and LoRA weight map, and torch's outputs on fresh random parity inputs; nothing run on ONNX Runtime."""
+    spec = graph_specs(dims)[network]
+    if network is Network.UNET_CFG:
+        unet = graphs[Network.UNET]
+        derive_cfg_graph(out / unet.file, out / f"{network.value}.onnx", unet.spec, spec)
+        external = unet.external_data
+    else:
+        precision = settings.precision_of(network)
+        graph_module = fp16_boundary(module) if precision is Precision.FP16 else module
+        external = export_onnx(graph_module, spec, out / f"{network.value}.onnx", dims, vocab_size_of(model))
+        del graph_module
+        name_dynamic_axes(out / f"{network.value}.onnx", spec)
+    entry = ungated_entry(spec, out, external, settings)
+    if network in ATTENTION_FUSED:
+        entry = with_fused_attention(entry, out)
+    if network in LORA_NETWORKS:
+        entry = with_weight_map(entry, module, out)
+    seed = secrets.randbits(32)
+    return PendingGraph(entry, reference_cases(module, spec, dims, vocab_size_of(model), seed), seed)
+
+
+def vocab_size_of(model: ModelSource) -> int:
+    return int(model.configs["text_encoder"].get("vocab_size", 49408))
+
+
+def gate_pending(pending: PendingGraph, out: Path, settings: ExportSettings) -> GraphEntry:
+    """The entry with its parity numbers (and its variant's), once each graph matched torch's outputs;
+    ParityError otherwise. One ONNX Runtime session at a time."""
+    entry = pending.entry
+    threshold = settings.threshold(entry.precision)
+    parity = check_cases(entry.spec, out / entry.file, pending.cases, threshold, pending.seed)
+    variant = entry.onnxruntime
+    if variant is not None:
+        variant_parity = check_cases(entry.spec, out / variant.file, pending.cases, threshold, pending.seed)
+        variant = dataclasses.replace(variant, parity=variant_parity)
+    return dataclasses.replace(entry, parity=parity, onnxruntime=variant)
 
 
 def _export_torch_only(
@@ -207,7 +336,7 @@ def _export_torch_only(
     )
     dims = model_dims(model)
     specs = graph_specs(dims)
-    model.write_tokenizer(out / TOKENIZER_DIR)
+    write_tokenizers(model, out)
     versions = torch_only_versions()
     graphs = {
         network: GraphEntry(
@@ -217,11 +346,17 @@ def _export_torch_only(
             precision=settings.precision_of(network),
             exporter=versions,
         )
-        for network in settings.networks
+        for network in selected_networks(settings, dims)
     }
     manifest = build_manifest(model, dims, graphs)
     write_manifest(out, manifest)
     return manifest, {"manifest": time.perf_counter() - start}
+
+
+def write_tokenizers(model: ModelSource, out: Path) -> None:
+    """Each text encoder's tokenizer folder (SDXL: tokenizer/ and tokenizer_2/) into the engine folder."""
+    for component in model.tokenizers:
+        model.write_tokenizer(out / component, component)
 
 
 def build_manifest(model: ModelSource, dims: ModelDims, graphs: dict[Network, GraphEntry]) -> Manifest:
@@ -236,36 +371,18 @@ def build_manifest(model: ModelSource, dims: ModelDims, graphs: dict[Network, Gr
     )
 
 
-def derive_cfg_network(
-    module: Any, unet: GraphEntry, out: Path, settings: ExportSettings, dims: ModelDims, vocab_size: int
-) -> GraphEntry:
-    """unet_cfg.onnx rewritten from the exported UNet (sharing its weights file), then gated."""
-    fused = unet_cfg_spec(dims)
-    derive_cfg_graph(out / unet.file, out / f"{fused.network.value}.onnx", unet.spec, fused)
-    return gated_entry(module, fused, out, unet.external_data, settings, dims, vocab_size)
-
-
-def with_fused_attention(
-    entry: GraphEntry,
-    module: Any,
-    out: Path,
-    settings: ExportSettings,
-    dims: ModelDims,
-    vocab_size: int,
-) -> GraphEntry:
-    """The entry plus its ONNX Runtime variant (attention fused), when the graph has attention to fuse."""
+def with_fused_attention(entry: GraphEntry, out: Path) -> GraphEntry:
+    """The entry plus its ONNX Runtime variant (attention fused, not yet gated), when the graph has
+    attention to fuse."""
     path = out / entry.file
     target = path.with_name(f"{path.stem}.ort.onnx")
     count = write_fused(path, target)
     if not count:
         return entry
-    precision = settings.precision_of(entry.spec.network)
-    parity = parity_gate(module, entry.spec, target, dims, vocab_size, settings.threshold(precision))
     variant = Variant(
         file=target.name,
         sha256=graph_content_hash(target),
         rewrite=f"{count} attentions -> com.microsoft.MultiHeadAttention",
-        parity=parity,
     )
     return dataclasses.replace(entry, onnxruntime=variant)
 
@@ -291,44 +408,15 @@ def with_weight_map(entry: GraphEntry, module: Any, out: Path) -> GraphEntry:
     return dataclasses.replace(entry, weights=mapped, onnxruntime=variant)
 
 
-def convert_network(
-    network: Network,
-    module: Any,
-    spec: GraphSpec,
-    out: Path,
-    settings: ExportSettings,
-    dims: ModelDims,
-    vocab_size: int,
-) -> GraphEntry:
-    """torch module -> ONNX file in ``out``, checked against torch before it is accepted."""
-    precision = settings.precision_of(network)
-    graph_module = fp16_boundary(module) if precision is Precision.FP16 else module
-    path = out / f"{network.value}.onnx"
-    external = export_onnx(graph_module, spec, path, dims, vocab_size)
-    name_dynamic_axes(path, spec)
-    return gated_entry(module, spec, out, external, settings, dims, vocab_size)
-
-
-def gated_entry(
-    module: Any,
-    spec: GraphSpec,
-    out: Path,
-    external: str | None,
-    settings: ExportSettings,
-    dims: ModelDims,
-    vocab_size: int,
-) -> GraphEntry:
-    """The manifest entry of ``out/<network>.onnx`` once it matched its torch reference."""
-    precision = settings.precision_of(spec.network)
+def ungated_entry(spec: GraphSpec, out: Path, external: str | None, settings: ExportSettings) -> GraphEntry:
+    """The manifest entry of ``out/<network>.onnx``, its parity still to be measured (see gate_pending)."""
     path = out / f"{spec.network.value}.onnx"
-    parity = parity_gate(module, spec, path, dims, vocab_size, settings.threshold(precision))
     return GraphEntry(
         file=path.name,
         sha256=graph_content_hash(path),
         spec=spec,
-        precision=precision,
+        precision=settings.precision_of(spec.network),
         external_data=external,
-        parity=parity,
         exporter=tool_versions(),
     )
 
@@ -415,19 +503,36 @@ def parity_gate(
     module: Any, spec: GraphSpec, path: Path, dims: ModelDims, vocab_size: int, threshold: float
 ) -> dict[str, Any]:
     """Run torch and ONNX Runtime on fresh random inputs at two shapes; raise if they disagree."""
-    from engine.backends.onnxruntime import OnnxRuntimeBackend
-
-    graph = OnnxRuntimeBackend().load(path, spec)
     seed = secrets.randbits(32)
+    return check_cases(spec, path, reference_cases(module, spec, dims, vocab_size, seed), threshold, seed)
+
+
+def reference_cases(
+    module: Any, spec: GraphSpec, dims: ModelDims, vocab_size: int, seed: int
+) -> tuple[ParityCase, ...]:
+    """torch's outputs on random inputs (drawn from ``seed``) at each of PARITY_SHAPES."""
     rng = np.random.default_rng(seed)
-    reports = []
+    cases = []
     for batch, height, width, sequence in PARITY_SHAPES:
         sizes = axis_sizes(batch, height, width, dims.vae_scale_factor, sequence)
         feeds = sample_inputs(spec, sizes, rng, vocab_size)
-        expected = run_torch(module, spec, feeds)
-        actual = graph.run(feeds)
-        for name in spec.output_names:
-            reports.append(compare(expected[name], actual[name], sizes))
+        cases.append(ParityCase(sizes, feeds, run_torch(module, spec, feeds)))
+    return tuple(cases)
+
+
+def check_cases(
+    spec: GraphSpec, path: Path, cases: Sequence[ParityCase], threshold: float, seed: int
+) -> dict[str, Any]:
+    """The graph at ``path`` on ONNX Runtime against torch's outputs: the parity summary, or ParityError
+    with the worst numbers when the relative L2 error exceeds ``threshold``."""
+    from engine.backends.onnxruntime import OnnxRuntimeBackend
+
+    graph = OnnxRuntimeBackend().load(path, spec)
+    reports = []
+    for case in cases:
+        actual = graph.run(dict(case.feeds))
+        reports.extend(compare(case.expected[name], actual[name], case.sizes) for name in spec.output_names)
+    del graph
     result = summarize_parity(reports, threshold, seed)
     worst = max(reports, key=lambda r: r.rel_l2)
     if not result["passed"]:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # Networks a LoRA patches, and the component whose multiplier applies to each.
 LORA_COMPONENTS = {
     Network.TEXT_ENCODER: Component.TEXT_ENCODER,
+    Network.TEXT_ENCODER_2: Component.TEXT_ENCODER_2,
     Network.UNET: Component.UNET,
     Network.UNET_CFG: Component.UNET,
 }
@@ -279,7 +280,7 @@ class LoraRuntime:
     def _all_targets(self) -> dict[tuple[Component, str], tuple[int, ...]]:
         loader = self._loader()
         targets: dict[tuple[Component, str], tuple[int, ...]] = {}
-        for network in (Network.TEXT_ENCODER, Network.UNET):
+        for network in (Network.TEXT_ENCODER, Network.TEXT_ENCODER_2, Network.UNET):
             if network in self.manifest.graphs:
                 for target, shape in loader.lora_targets(network).items():
                     component, module = target.split(":", 1)

@@ -20,15 +20,16 @@ from engine import schedulers
 from engine.backends.options import Switch
 from engine.errors import Cancelled, EngineError, RequestError
 from engine.manifest import Manifest, read_manifest
-from engine.pipeline.guidance import fused_feeds, guide, unet_feeds
+from engine.pipeline.guidance import Conditioning, fused_feeds, guide, unet_feeds
 from engine.pipeline.images import image_to_array, to_pil
 from engine.pipeline.loras import LoraRuntime, LoraSet, te_key
 from engine.pipeline.request import GenerationRequest, StepCallback, StepControl, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
 from engine.runtime import BackendName, Graph, GraphLoader, bound, check_finite, finite_outputs, open_backend
-from engine.specs import GraphSpec, Network
+from engine.specs import CONDITIONING_INPUTS, GraphSpec, Network
 from engine.text.conditioning import EmbeddingCache, encode_weighted
 from engine.text.tokenizer import ClipTokenizer
+from engine.text.xl import TIME_IDS, XlEncoder, encode_xl, time_ids
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ class Pipeline:
     ) -> None:
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.tokenizer = ClipTokenizer.from_folder(engine_dir / manifest.tokenizer_dir)
+        check_xl(manifest)
+        self.tokenizers = tuple(ClipTokenizer.from_folder(engine_dir / d) for d in manifest.tokenizer_dirs)
+        self.tokenizer = self.tokenizers[0]
         self.fused_cfg = resolve_fused_cfg(engine_dir, manifest, Switch.of(fused_cfg).as_optional())
         self._load_graph = load_graph
         self._graphs: dict[Network, Graph] = {}
@@ -83,8 +86,26 @@ class Pipeline:
         self.embeddings = EmbeddingCache()
         self.loras = LoraRuntime(manifest, load_graph, Path(lora_dir) if lora_dir is not None else None)
         unet = Network.UNET_CFG if self.fused_cfg else Network.UNET
-        for network in (Network.TEXT_ENCODER, unet, Network.VAE_DECODER):
+        for network in (*self.text_networks, unet, Network.VAE_DECODER):
             self.graph(network)
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the engine folder holds an SDXL model (two text encoders, text_time conditioning)."""
+        return self.manifest.dims.is_xl
+
+    @property
+    def text_networks(self) -> tuple[Network, ...]:
+        """The text encoders, first to last (SDXL: text_encoder and text_encoder_2)."""
+        return (Network.TEXT_ENCODER, Network.TEXT_ENCODER_2) if self.is_xl else (Network.TEXT_ENCODER,)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler a request that names none gets: SDXL folders' own scheduler (scheduler_config's
+        ``_class_name``, EulerDiscreteScheduler for SDXL base, as diffusers' pipeline runs it); SD 1.x /
+        2.x: "Euler a", A1111's default."""
+        own = self.manifest.scheduler_config.get("_class_name")
+        return str(own) if self.is_xl and own else GenerationRequest.sampler
 
     @classmethod
     def load(
@@ -138,8 +159,10 @@ class Pipeline:
     ) -> GenerationResult:
         """Make images: ``GenerationRequest.create(prompt, negative_prompt, **settings)``, then :meth:`run`.
 
-        An unknown setting raises a one-line RequestError (a ValueError) listing the valid ones.
+        An unknown setting raises a one-line RequestError (a ValueError) listing the valid ones. Without
+        ``sampler`` the model's default is used (see :attr:`default_sampler`).
         """
+        settings.setdefault("sampler", self.default_sampler)
         return self.run(GenerationRequest.create(prompt, negative_prompt, **settings), on_step)
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
@@ -177,7 +200,7 @@ class Pipeline:
         request.check_model(dims.vae_scale_factor, dims.latent_channels, sched.config.num_train_timesteps)
         sched.set_timesteps(request.steps, strength=request.strength if request.is_img2img else 1.0)
         loras = self.timed(timings, "lora", lambda: self.use_loras(request))
-        context = self.timed(timings, "text_encoder", lambda: self.encode_prompts(request, te_key(loras)))
+        context = self.timed(timings, "text_encoder", lambda: self.conditioning(request, te_key(loras)))
         latents = self.timed(timings, "prepare", lambda: self.prepare_latents(request, sched, generators))
         latents, done = self.denoise(request, sched, latents, context, generators, timings, on_step)
         pixels = self.timed(timings, "vae_decode", lambda: self.decode(latents))
@@ -210,7 +233,7 @@ class Pipeline:
         loras = self.loras.resolve(request.prompts, request.loras)
         unet = Network.UNET_CFG if self.uses_fused_cfg(request) else Network.UNET
         self._patched = {}  # the previous request's patched graphs may be dropped while switching
-        self._patched = self.loras.graphs(loras, [Network.TEXT_ENCODER, unet])
+        self._patched = self.loras.graphs(loras, [*self.text_networks, unet])
         return loras
 
     def encode_text(self, texts: Sequence[str], clip_skip: int, weights_key: Hashable = ()) -> np.ndarray:
@@ -228,9 +251,51 @@ class Pipeline:
         return encode_weighted(texts, self.tokenizer, encode, self.embeddings, clip_skip, weights_key)
 
     def encode_prompts(self, request: GenerationRequest, weights_key: Hashable = ()) -> np.ndarray:
-        """UNet context: [negatives; positives] (CFG) or positives, each repeated per image."""
+        """UNet context (N, 77 K, D): [negatives; positives] (CFG) or positives, each repeated per image."""
+        return self.conditioning(request, weights_key).context
+
+    def conditioning(self, request: GenerationRequest, weights_key: Hashable = ()) -> Conditioning:
+        """The UNet's conditioning, [negatives; positives] (CFG) or positives, each row repeated per image:
+        the context, plus SDXL's pooled text_embeds and time_ids (see :mod:`engine.text.xl`)."""
         texts = [*request.negative_prompts, *request.prompts] if request.do_cfg else list(request.prompts)
-        return self.encode_text(texts, request.clip_skip, weights_key).repeat(request.batch_size, axis=0)
+        if not self.is_xl:
+            return Conditioning(self.encode_text(texts, request.clip_skip, weights_key)).repeat(
+                request.batch_size
+            )
+        empty = (i for i, text in enumerate(request.negative_prompts) if text == "")
+        zero = frozenset(empty) if request.do_cfg and self.zero_empty_negative else frozenset()
+        first, second = (
+            self.xl_encoder(network, tokenizer, request.clip_skip)
+            for network, tokenizer in zip(self.text_networks, self.tokenizers, strict=True)
+        )
+        context, pooled = encode_xl(
+            texts, (first, second), self.embeddings, request.clip_skip, weights_key, zero
+        )
+        added = {"text_embeds": pooled, "time_ids": time_ids(request.height, request.width, len(texts))}
+        return Conditioning(context, added).repeat(request.batch_size)
+
+    @property
+    def zero_empty_negative(self) -> bool:
+        """SDXL's ``force_zeros_for_empty_prompt`` (model_index.json; true for SDXL base and Turbo): an
+        empty negative prompt conditions on zeros, not on the encoding of ""."""
+        return bool(self.manifest.source.get("force_zeros_for_empty_prompt", True))
+
+    def xl_encoder(self, network: Network, tokenizer: ClipTokenizer, clip_skip: int) -> XlEncoder:
+        """One SDXL text encoder for :func:`engine.text.xl.encode_xl`: the hidden states A1111's clip skip
+        picks (1: the penultimate layer, SDXL's conditioning) and, from text_encoder_2, text_embeds."""
+        graph = self.graph(network)
+        layers = int(graph.spec.outputs[0].dims[1])
+        if clip_skip >= layers:
+            raise RequestError(
+                f"clip_skip {clip_skip} needs {clip_skip + 1} layers; this model's {network.value} "
+                f"has {layers}"
+            )
+
+        def encode(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            outputs = finite_outputs(graph, graph.run({"input_ids": ids}))
+            return outputs["hidden_states"][:, -(clip_skip + 1)], outputs.get("text_embeds")
+
+        return XlEncoder(tokenizer, encode)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
         dims = self.manifest.dims
@@ -264,7 +329,7 @@ class Pipeline:
         request: GenerationRequest,
         sched: schedulers.Scheduler,
         latents: np.ndarray,
-        context: np.ndarray,
+        context: Conditioning,
         generators: list[TorchGenerator],
         timings: dict[str, float],
         on_step: StepCallback | None = None,
@@ -278,10 +343,10 @@ class Pipeline:
         total = len(sched.timesteps)
         done = 0
         make_feeds = fused_feeds if fused else unet_feeds
-        # The embeddings (and the guidance scale) stay the same all generation: bound once, so a backend
-        # with device buffers copies them once, not at every step.
+        # The conditioning (and the guidance scale) stays the same all generation: bound once, so a backend
+        # with device buffers copies it once, not at every step.
         first = make_feeds(latents, 0.0, context, request)
-        names = ("encoder_hidden_states", "guidance_scale")
+        names = (*CONDITIONING_INPUTS, "guidance_scale")
         constants = {name: first[name] for name in names if name in first}
         with bound(unet, constants) as run_unet:
             for i, t in enumerate(sched.timesteps):
@@ -385,6 +450,23 @@ def notify(on_step: StepCallback | None, info: StepInfo) -> StepControl:
 
 # Engine folders exported before the stacked output carry only the penultimate layer (clip skip 2).
 _PENULTIMATE = "penultimate_hidden_state"
+
+
+def check_xl(manifest: Manifest) -> None:
+    """EngineError for an SDXL-shaped engine folder this pipeline cannot drive: no second text encoder
+    graph, or time ids other than SDXL base's 6 (the refiner's aesthetic score)."""
+    dims = manifest.dims
+    if not dims.is_xl:
+        return
+    if Network.TEXT_ENCODER_2 not in manifest.graphs:
+        raise EngineError(
+            "this SDXL engine folder has no text_encoder_2 graph; re-export it with all networks"
+        )
+    if dims.time_ids_size != TIME_IDS:
+        raise EngineError(
+            f"this SDXL model takes {dims.time_ids_size} time ids; only SDXL base's {TIME_IDS} (sizes and "
+            "crop) are supported (refiner models take an aesthetic score)"
+        )
 
 
 def check_clip_skip(spec: GraphSpec, clip_skip: int) -> None:

@@ -1,10 +1,13 @@
 """ONNX -> TensorRT plans: shape profiles from the spec tables, fp16, a content-keyed plan cache.
 
 ``sd-engine build ENGINE_DIR`` turns every ONNX graph of an engine folder into a serialized TensorRT
-plan in ``ENGINE_DIR/tensorrt/``. The text encoder and UNet build in fp16; the VAE stays fp32 (the SD
-VAE overflows in fp16) unless ``--vae fp16`` (alias ``fp16-guarded``) also builds an fp16 plan that the
-runtime falls back from when its output is not finite. Optimization profiles are computed from the same
-:mod:`engine.specs` tables as the export, so a profile cannot name an input the graph lacks.
+plan in ``ENGINE_DIR/tensorrt/``. The text encoders (SDXL: both) and the UNet build in fp16; the VAE
+stays fp32 (the SD VAE overflows in fp16) unless ``--vae fp16`` (alias ``fp16-guarded``) also builds an
+fp16 plan that the runtime falls back from when its output is not finite. The SDXL VAE overflows far
+more often, so its plans are fp32 only. Optimization profiles are computed from the same
+:mod:`engine.specs` tables as the export, so a profile cannot name an input the graph lacks; without
+profiles a folder gets its family's default (:func:`engine.tensorrt.profiles.default_profiles`: 512 px,
+SDXL 1024 px).
 
 Each plan has a sidecar JSON with its :class:`PlanKey`: the ONNX content hash, precision, profile
 shapes, builder flags, TensorRT version and GPU. A plan whose sidecar is missing, corrupt or keyed
@@ -58,7 +61,7 @@ from engine.tensorrt.plans import (
     write_atomic,
     write_sidecar,
 )
-from engine.tensorrt.profiles import ShapeProfile, axis_ranges, profile_shapes
+from engine.tensorrt.profiles import ShapeProfile, axis_ranges, default_profiles, profile_shapes
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +90,27 @@ OOM_PATTERNS = re.compile(
 VAE_PRECISIONS = (Precision.FP32, Precision.FP16)
 
 
+VAE_NETWORKS = (Network.VAE_DECODER, Network.VAE_ENCODER)
+
+
+# Why SDXL's VAE plans are fp32 only: its decoder's activations pass fp16's 65504 at ordinary sizes
+# (diffusers keeps it in fp32 for this: StableDiffusionXLPipeline's force_upcast / upcast_vae).
+XL_VAE_NOTE = "fp32 only: the SDXL VAE overflows in fp16"
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     """How plans are built.
 
+    ``profiles`` None: the folder's default, one static batch-1 profile at its family's native size
+    (512x512; SDXL 1024x1024), 77 tokens (see :func:`engine.tensorrt.profiles.default_profiles`).
     ``networks`` None: every network of the engine folder, except that a folder with the fused-guidance
     UNet (unet_cfg) gets that plan and not the plain UNet's: sampling with guidance, the usual case, needs
-    only one UNet plan. Ask for ``unet`` too to run with guidance off or with guidance_rescale.
+    only one UNet plan. Ask for ``unet`` too to run with guidance off or with guidance_rescale. All of
+    :class:`Network` means every network the model has (SD 1.x / 2.x have no text_encoder_2).
     """
 
-    profiles: tuple[ShapeProfile, ...] = (ShapeProfile.static(1, 512, 512),)
+    profiles: tuple[ShapeProfile, ...] | None = None
     networks: tuple[Network, ...] | None = None
     vae_precision: Precision = Precision.FP32  # FP16: an fp16 plan guarded by an fp32 one
     refit: bool = False
@@ -108,26 +122,40 @@ class BuildSettings:
 
 
 def plan_targets(manifest: Manifest, settings: BuildSettings) -> list[PlanTarget]:
-    """The plans to build: fp16 text encoder and UNet; fp32 VAE, plus fp16 when guarded."""
+    """The plans to build: fp16 text encoders and UNet; fp32 VAE, plus fp16 when guarded (never for
+    SDXL: BuildError). EngineFolderError for a network the folder has no graph of."""
     if settings.vae_precision not in VAE_PRECISIONS:
         valid = ", ".join(p.value for p in VAE_PRECISIONS)
         raise BuildError(
             f"the VAE builds in {valid} (fp16 guarded by fp32), not {settings.vae_precision.value}"
         )
-    networks = settings.networks if settings.networks is not None else default_networks(manifest)
-    missing = [n.value for n in networks if n not in manifest.graphs]
-    if missing:
-        raise EngineFolderError(f"the engine folder has no ONNX graph for {missing}")
+    networks = chosen_networks(manifest, settings.networks)
+    if manifest.dims.is_xl and settings.vae_precision is Precision.FP16 and set(networks) & set(VAE_NETWORKS):
+        raise BuildError(f"--vae fp16 is not available for SDXL: its VAE plans build in {XL_VAE_NOTE}")
     targets = []
     for network in networks:
         typed = manifest.graphs[network].precision is Precision.FP16
-        if network in (Network.VAE_DECODER, Network.VAE_ENCODER):
+        if network in VAE_NETWORKS:
             if settings.vae_precision is Precision.FP16:
                 targets.append(PlanTarget(network, Precision.FP16, typed))
             targets.append(PlanTarget(network, Precision.FP32, typed))
         else:
             targets.append(PlanTarget(network, Precision.FP16, typed))
     return targets
+
+
+def chosen_networks(manifest: Manifest, networks: tuple[Network, ...] | None) -> tuple[Network, ...]:
+    """The networks to build: ``None`` the defaults; all of :class:`Network` those the model has; else
+    exactly those named, each of which the folder must hold (EngineFolderError naming the missing)."""
+    if networks is None:
+        return default_networks(manifest)
+    if networks == tuple(Network):
+        networks = tuple(n for n in networks if n in manifest.dims.networks)
+    missing = [n.value for n in networks if n not in manifest.graphs]
+    if missing:
+        only_xl = " (only SDXL has text_encoder_2)" if Network.TEXT_ENCODER_2.value in missing else ""
+        raise EngineFolderError(f"the engine folder has no ONNX graph for {missing}{only_xl}")
+    return networks
 
 
 def default_networks(manifest: Manifest) -> tuple[Network, ...]:
@@ -250,6 +278,18 @@ def parity_gate(
     return summarize_parity(reports, threshold, seed)
 
 
+def precision_note(dims: ModelDims, target: PlanTarget) -> str:
+    """What the build log adds about a plan's precision: why an SDXL VAE plan is fp32."""
+    return f"; {XL_VAE_NOTE}" if dims.is_xl and target.network in VAE_NETWORKS else ""
+
+
+def tokenizer_dir(manifest: Manifest, network: Network) -> str:
+    """The tokenizer folder of a network's text encoder (SDXL's second: tokenizer_2); the first for the
+    others, whose random parity inputs have no token ids."""
+    dirs = manifest.tokenizer_dirs
+    return dirs[-1] if network is Network.TEXT_ENCODER_2 else dirs[0]
+
+
 def vocab_size(tokenizer_dir: Path) -> int:
     """Token ids the text encoder accepts (the engine's tokenizer, either layout): random parity
     inputs must stay below it."""
@@ -298,7 +338,9 @@ def build_one(ctx: BuildContext, target: PlanTarget) -> PlanResult:
     if reason is None:
         ctx.progress(f"{target.name}: up to date ({plan_path.name})")
         return PlanResult(target, plan_path, False, "up to date", 0.0, read_sidecar(plan_path)["parity"])
-    ctx.progress(f"{target.name}: building ({reason}); profiles {[p.label for p in settings.profiles]}")
+    note = precision_note(dims, target)
+    labels = [p.label for p in settings.profiles]
+    ctx.progress(f"{target.name}: building ({reason}); profiles {labels}{note}")
     start = time.perf_counter()
     shapes = [dict(p) for p in key.profiles]
     plan, ctx.timing_cache = build_plan(
@@ -309,7 +351,7 @@ def build_one(ctx: BuildContext, target: PlanTarget) -> PlanResult:
     seed = settings.parity_seed if settings.parity_seed is not None else secrets.randbits(32)
     threshold = PARITY_THRESHOLDS[target.precision]
     onnx_path = ctx.engine_dir / entry.file
-    vocab = vocab_size(ctx.engine_dir / ctx.manifest.tokenizer_dir)
+    vocab = vocab_size(ctx.engine_dir / tokenizer_dir(ctx.manifest, target.network))
     parity = parity_gate(plan, onnx_path, entry.spec, settings.profiles, dims, threshold, seed, vocab)
     ctx.progress(
         f"{target.name}: parity rel L2 {parity['worst_rel_l2']:.2e} (max {parity['threshold_rel_l2']:.0e}), "
@@ -355,6 +397,8 @@ def build_engine(
     manifest = read_manifest(root)
     require_onnx(root, manifest, "`sd-engine build` (TensorRT builds from the ONNX graphs)")
     targets = plan_targets(manifest, settings)
+    if settings.profiles is None:
+        settings = dataclasses.replace(settings, profiles=default_profiles(manifest.model_family))
     if not settings.profiles:
         raise BuildError("no shape profile to build")
     for target in targets:  # profile errors before minutes of building

@@ -111,18 +111,55 @@ def make_profiles(
     )
 
 
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+@dataclass(frozen=True)
+class DefaultSizes:
+    """A model family's build sizes when no ``--size`` is given: ``opt`` is the static profile's size and
+    the dynamic profile's opt; ``low`` / ``high`` are the dynamic profile's smallest / largest image."""
+
+    opt: Size
+    low: Size
+    high: Size
+
+
+# SD 1.x / 2.x: 512x512 only (as before family defaults existed).
+SD_SIZES = DefaultSizes((512, 512), (512, 512), (512, 512))
+# SDXL: trained at 1024x1024 and then at ~1 megapixel in aspect buckets; the ones SDXL front ends offer
+# run from 1536x640 to 640x1536, so a dynamic profile spans 640..1536 px on both sides.
+XL_SIZES = DefaultSizes((1024, 1024), (640, 640), (1536, 1536))
+FAMILY_SIZES = {"sdxl": XL_SIZES}
+
+
+def default_sizes(model_family: str) -> DefaultSizes:
+    """The default build sizes of a manifest's ``model_family`` ("sdxl": 1024 px; others: 512 px)."""
+    return FAMILY_SIZES.get(model_family, SD_SIZES)
+
+
+def default_profiles(
+    model_family: str,
+    kind: ProfileKind = ProfileKind.STATIC,
+    batches: Sequence[int] = (1,),
+    max_tokens: int = 77,
+) -> tuple[ShapeProfile, ...]:
+    """Profiles at the family's default sizes: static at ``opt``; dynamic from ``low`` to ``high``."""
+    sizes = default_sizes(model_family)
+    return make_profiles(kind, batches, [sizes.opt], max_tokens, sizes.low, sizes.high)
+
+
 def network_batch(network: Network, profile: ShapeProfile) -> Range:
     """The batch axis of one network for a profile.
 
     UNet: from the images (guidance off) to 2 x images (guidance with rescale, which the
-    fused-guidance UNet cannot do); opt at 2 x images. Text encoder: 1 up to the images, since the
-    pipeline encodes only prompts its embedding cache lacks. VAE and the fused-guidance UNet (whose
-    embeddings' batch is twice this): the images.
+    fused-guidance UNet cannot do); opt at 2 x images. Text encoders (SDXL's two alike): 1 up to the
+    images, since the pipeline encodes only prompts its embedding cache lacks. VAE and the fused-guidance
+    UNet (whose embeddings' batch, SDXL's text_embeds and time_ids included, is twice this): the images.
     """
     low, opt, high = profile.batch
     if network is Network.UNET:
         return low, 2 * opt, 2 * high
-    if network is Network.TEXT_ENCODER:
+    if network in (Network.TEXT_ENCODER, Network.TEXT_ENCODER_2):
         return 1, opt, high
     return low, opt, high
 

@@ -406,7 +406,7 @@ def _manifest() -> Manifest:
     from engine.specs import Precision
 
     specs = graph_specs(ModelDims())
-    graphs = {n: GraphEntry(f"{n.value}.onnx", "0" * 64, specs[n], Precision.FP32) for n in Network}
+    graphs = {n: GraphEntry(f"{n.value}.onnx", "0" * 64, specs[n], Precision.FP32) for n in specs}
     return Manifest("sd15", "epsilon", ModelDims(), 0.18215, {}, graphs, source={"model_dir": "/nonexistent"})
 
 
@@ -748,7 +748,8 @@ def test_plan_from_another_gpu_is_refused_or_rebuilt(trt_engine: Path, tmp_path:
     (result,) = build_engine(engine_dir, _trt_settings(networks=(Network.TEXT_ENCODER,)))
     assert result.built and "NVIDIA Imaginary 9000" in result.reason
     index = json.loads((engine_dir / PLAN_DIR / "plans.json").read_text())["networks"]
-    assert set(index) == {n.value for n in Network}  # a partial build keeps the other networks' plans
+    # a partial build keeps the other networks' plans
+    assert set(index) == {n.value for n in ModelDims().networks}
     load(Network.TEXT_ENCODER)
 
 

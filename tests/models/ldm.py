@@ -46,13 +46,16 @@ def clip_to_ldm(
     config: Mapping[str, Any],
     text_model_prefix: bool = True,
     position_ids: bool = True,
+    prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SD 1 tensors (``cond_stage_model.transformer.[text_model.]*``) of a CLIPTextModel state dict
-    (with or without its own ``text_model.`` level); ``position_ids`` as transformers 4 saved it."""
+    """SD 1 tensors (``cond_stage_model.transformer.[text_model.]*``; ``prefix`` replaces
+    ``cond_stage_model.transformer.``, e.g. SDXL's ``conditioner.embedders.0.transformer.``) of a
+    CLIPTextModel state dict (with or without its own ``text_model.`` level); ``position_ids`` as
+    transformers 4 saved it."""
     from engine.models.checkpoint.text import CLIP_PREFIX, clip_rules
 
     names = {k.removeprefix(_TEXT_MODEL): v for k, v in text_state_dict.items()}
-    prefix = CLIP_PREFIX + (_TEXT_MODEL if text_model_prefix else "")
+    prefix = (prefix or CLIP_PREFIX) + (_TEXT_MODEL if text_model_prefix else "")
     out = invert_rules(names, clip_rules(config, prefix))
     if position_ids:
         out[f"{prefix}embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
@@ -93,6 +96,22 @@ def openclip_to_ldm(
     return out
 
 
+def xl_openclip_to_ldm(
+    text_state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str | None = None
+) -> dict[str, torch.Tensor]:
+    """SDXL's second encoder in OpenCLIP layout (``conditioner.embedders.1.model.*``, or ``prefix``) from
+    a CLIPTextModelWithProjection state dict: in_proj fused from q, k, v, ``text_projection`` stored
+    (hidden, projection) as OpenCLIP multiplies ``x @ text_projection``, and ``logit_scale`` (ln 100,
+    CLIP's trained temperature), which generative-models files carry and never run."""
+    from engine.models.checkpoint.text import XL_OPENCLIP_PREFIX, xl_openclip_rules
+
+    prefix = prefix or XL_OPENCLIP_PREFIX
+    names = {k.removeprefix(_TEXT_MODEL): v for k, v in text_state_dict.items()}
+    out = invert_rules(names, xl_openclip_rules(config, prefix))
+    out[f"{prefix}logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
 def _ddpm_buffers(scheduler: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     steps = int(scheduler.get("num_train_timesteps", 1000))
     start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
@@ -115,7 +134,8 @@ def write_checkpoint(
     openclip_extras: bool = True,
     extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Any:
-    """Write a full LDM checkpoint from a diffusers model folder, as A1111 / ComfyUI files hold it.
+    """Write a full LDM checkpoint from a diffusers model folder, as A1111 / ComfyUI files hold it; an
+    SDXL folder (with text_encoder_2/) as generative-models' files hold it (:func:`xl_text_to_ldm`).
 
     ``path``: ``.safetensors``, or ``.ckpt`` (``torch.save({"state_dict": ...})``). Float tensors are
     stored as ``dtype``. ``ema``: also the EMA UNet (``model_ema.*``, names without dots) holding the
@@ -123,7 +143,8 @@ def write_checkpoint(
     ``num_updates``. ``baked_vae``: include ``first_stage_model.*``. ``markers``: empty top-level tensors
     (``v_pred``, ``ztsnr``). ``openclip``: SD 2 text encoder layout (default: when the text encoder's
     activation is "gelu", OpenCLIP's; OpenAI CLIP uses quick_gelu). ``extra``: more tensors. The DDPM
-    buffers ``betas`` / ``alphas_cumprod`` / ``alphas_cumprod_prev`` are always written. Returns ``path``.
+    buffers ``betas`` / ``alphas_cumprod`` / ``alphas_cumprod_prev`` are written for SD 1 / 2 (SDXL
+    files have none). Returns ``path``.
     """
     import json
     from pathlib import Path
@@ -142,9 +163,13 @@ def write_checkpoint(
 
     text_config = config("text_encoder")
     text = weights("text_encoder", "model")
+    xl = (folder / "text_encoder_2").is_dir()
     use_openclip = text_config.get("hidden_act") == "gelu" if openclip is None else openclip
-    tensors = openclip_to_ldm(text, text_config, openclip_extras) if use_openclip else {}
-    if not use_openclip:
+    if xl:
+        tensors = xl_text_to_ldm(folder, text_model_prefix)
+    elif use_openclip:
+        tensors = openclip_to_ldm(text, text_config, openclip_extras)
+    else:
         tensors = clip_to_ldm(text, text_config, text_model_prefix)
     unet = unet_to_ldm(weights("unet", "diffusion_pytorch_model"), config("unet"))
     tensors.update(unet)
@@ -153,7 +178,8 @@ def write_checkpoint(
         tensors.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
     if baked_vae:
         tensors.update(vae_to_ldm(weights("vae", "diffusion_pytorch_model"), config("vae"), vae_attention))
-    tensors.update(_ddpm_buffers(config("scheduler", "scheduler_config.json")))
+    if not xl:
+        tensors.update(_ddpm_buffers(config("scheduler", "scheduler_config.json")))
     tensors.update({marker: torch.tensor([]) for marker in markers})
     tensors.update(extra or {})
     stored = {
@@ -165,3 +191,27 @@ def write_checkpoint(
     else:
         torch.save({"state_dict": stored, "global_step": 1000}, path)
     return path
+
+
+def xl_text_to_ldm(model_folder: Any, text_model_prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Both text encoders of an SDXL diffusers folder as ``sd_xl_base_1.0.safetensors`` holds them:
+    CLIP ViT-L under ``conditioner.embedders.0.transformer.text_model.*`` (transformers names, with
+    ``position_ids``), OpenCLIP bigG under ``conditioner.embedders.1.model.*`` (see
+    :func:`xl_openclip_to_ldm`)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from engine.models.checkpoint.text import XL_CLIP_PREFIX
+
+    folder = Path(model_folder)
+    configs = {name: json.loads((folder / name / "config.json").read_text()) for name in _XL_ENCODERS}
+    weights = {name: load_file(folder / name / "model.safetensors") for name in _XL_ENCODERS}
+    first = clip_to_ldm(
+        weights["text_encoder"], configs["text_encoder"], text_model_prefix, prefix=XL_CLIP_PREFIX
+    )
+    return {**first, **xl_openclip_to_ldm(weights["text_encoder_2"], configs["text_encoder_2"])}
+
+
+_XL_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -1,4 +1,6 @@
-"""Random-weight presets: SD-shaped configs, deterministic bytes, loadable by diffusers, finite outputs."""
+"""Random-weight presets: SD-shaped configs, deterministic bytes, loadable by diffusers, finite outputs.
+
+SDXL presets (tiny-xl, sdxl): tests/models/test_presets_xl.py."""
 
 from __future__ import annotations
 
@@ -84,12 +86,16 @@ def test_tiny_is_sd_shaped(folders: dict[Preset, Path], preset: Preset) -> None:
 @pytest.mark.parametrize("preset", list(Preset))
 def test_text_encoder_ids_match_tokenizer(preset: Preset) -> None:
     spec = preset_spec(preset)
-    vocab, _ = clip_vocabulary(spec.tokenizer.vocab_size)
-    config = presets.text_encoder_config(spec)
-    assert config.vocab_size == len(vocab) == spec.tokenizer.vocab_size
-    assert config.bos_token_id == vocab["<|startoftext|>"]
-    assert config.eos_token_id == vocab["<|endoftext|>"]
-    assert config.pad_token_id == vocab[spec.tokenizer.pad_token]
+    encoders = spec.text_encoders()
+    assert [name for name, _, _ in encoders] == ["text_encoder", "text_encoder_2"][: 1 + spec.is_xl]
+    vocabularies = {size: clip_vocabulary(size)[0] for size in {tok.vocab_size for _, _, tok in encoders}}
+    for name, _, tokenizer in encoders:
+        vocab = vocabularies[tokenizer.vocab_size]
+        config = presets.text_encoder_config(spec, name)
+        assert config.vocab_size == len(vocab) == tokenizer.vocab_size
+        assert config.bos_token_id == vocab["<|startoftext|>"]
+        assert config.eos_token_id == vocab["<|endoftext|>"]
+        assert config.pad_token_id == vocab[tokenizer.pad_token]
 
 
 def test_sd_presets_mirror_the_real_configs() -> None:
@@ -229,7 +235,7 @@ def test_fifty_euler_steps_stay_finite(folders: dict[Preset, Path], preset: Pres
 
 
 def test_unknown_preset_lists_the_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="tiny, tiny-v, sd15, sd21"):
+    with pytest.raises(ValueError, match="tiny, tiny-v, tiny-xl, sd15, sd21, sdxl"):
         init_random("sd99", tmp_path / "m")
     assert not any(tmp_path.iterdir())
 

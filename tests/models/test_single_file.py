@@ -179,7 +179,7 @@ TEXT = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
     [
         (
             {"conditioner.embedders.0.transformer.x": (1,), f"{UNET}input_blocks.0.0.weight": (8, 4, 3, 3)},
-            "SDXL checkpoints are not supported yet",
+            "unknown SDXL-style conditioner",
         ),
         (
             {f"{UNET}input_blocks.0.0.weight": (8, 9, 3, 3), TEXT: (4,)},

@@ -33,7 +33,7 @@ def test_manifest_records_files_hashes_and_parity(tiny_engine: Path) -> None:
     assert data["format_version"] == FORMAT_VERSION
     assert manifest.model_family == "sd1" and manifest.prediction_type == "epsilon"
     assert manifest.dims.vae_scale_factor == 8 and manifest.scaling_factor == pytest.approx(0.18215)
-    assert set(manifest.graphs) == set(Network)
+    assert set(manifest.graphs) == set(manifest.dims.networks)
     for entry in manifest.graphs.values():
         assert entry.parity["worst_rel_l2"] <= 1e-4
         assert len(entry.parity["checks"]) >= 2

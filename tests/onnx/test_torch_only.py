@@ -44,7 +44,7 @@ def test_writes_the_manifest_and_tokenizer_only(torch_only: tuple[Path, list[str
     assert not list(folder.parent.glob(".*"))  # the staging folder went into place
     assert any("no ONNX" in line for line in lines)
     manifest = read_manifest(folder)
-    assert manifest.torch_only and set(manifest.graphs) == set(Network)
+    assert manifest.torch_only and set(manifest.graphs) == set(manifest.dims.networks)
     for entry in manifest.graphs.values():
         assert not entry.has_onnx and entry.file is None and entry.sha256 is None
         assert entry.parity == {} and entry.onnxruntime is None and entry.precision is Precision.FP32

@@ -107,7 +107,7 @@ def test_dynamic_profile_explicit_range_keeps_opt_inside() -> None:
     assert profile.width == (256, 512, 512) and profile.height == (256, 512, 512)
 
 
-@pytest.mark.parametrize("network", list(Network))
+@pytest.mark.parametrize("network", SD15.networks)
 @pytest.mark.parametrize("kind", list(ProfileKind))
 def test_profile_shapes_satisfy_the_spec(network: Network, kind: ProfileKind) -> None:
     """min, opt and max inputs pass the runtime's own spec check: shared symbols agree everywhere."""
@@ -327,19 +327,24 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path: Path) -> None:
 
 
 def _manifest(
-    precision: Precision = Precision.FP32, networks: tuple[Network, ...] = tuple(Network)
+    precision: Precision = Precision.FP32,
+    networks: tuple[Network, ...] | None = None,
+    dims: ModelDims = SD15,
+    family: str = "sd1",
 ) -> Manifest:
+    """A manifest of placeholder graphs: every network of dims (or those given); the VAE in fp32."""
+    specs = graph_specs(dims)
     graphs = {
         n: GraphEntry(
-            f"{n.value}.onnx", f"{i:064x}", SPECS[n], Precision.FP32 if "vae" in n.value else precision
+            f"{n.value}.onnx", f"{i:064x}", specs[n], Precision.FP32 if "vae" in n.value else precision
         )
-        for i, n in enumerate(networks)
+        for i, n in enumerate(networks or dims.networks)
     }
-    return Manifest("sd15", "epsilon", SD15, 0.18215, {}, graphs)
+    return Manifest(family, "epsilon", dims, 0.18215, {}, graphs)
 
 
 def test_plan_targets_fp16_except_the_vae() -> None:
-    plain = tuple(n for n in Network if n is not Network.UNET_CFG)
+    plain = tuple(n for n in SD15.networks if n is not Network.UNET_CFG)
     targets = plan_targets(_manifest(networks=plain), BuildSettings())
     assert [(t.name, t.strongly_typed) for t in targets] == [
         ("text_encoder-fp16", False),
@@ -442,10 +447,10 @@ def test_cuda_errors_name_the_call() -> None:
     assert trt_env.cuda_check((Status(0),), "cudaFree") is None
 
 
-def _fake_engine_folder(root: Path) -> Path:
+def _fake_engine_folder(root: Path, manifest: Manifest | None = None) -> Path:
     """An engine folder with a real manifest and placeholder graph files (never parsed here)."""
     root.mkdir()
-    manifest = _manifest()
+    manifest = manifest or _manifest()
     for entry in manifest.graphs.values():
         (root / entry.file).write_bytes(b"")
     write_manifest(root, manifest)
@@ -462,7 +467,7 @@ def test_build_command_options() -> None:
     args = _parse("ENGINE", "--profile", "dynamic", "--batch", "1", "4", "--size", "512x512", "768x768",
                   "--refit", "--workspace", "2", "--vae", "fp16-guarded",
                   "--timing-cache", "t.cache")  # fmt: skip
-    settings = build_command.settings_from_args(args)
+    settings = build_command.settings_from_args(args, "sd1")
     assert settings.refit and settings.workspace_bytes == 2 * GIB
     assert settings.vae_precision is Precision.FP16 and settings.timing_cache == Path("t.cache")
     assert settings.rebuild is Rebuild.AUTO
@@ -480,7 +485,7 @@ def test_build_command_options() -> None:
     ],
 )
 def test_vae_precision_and_rebuild_flags(flags: tuple[str, ...], vae: Precision, rebuild: Rebuild) -> None:
-    settings = build_command.settings_from_args(_parse("ENGINE", *flags))
+    settings = build_command.settings_from_args(_parse("ENGINE", *flags), "sd1")
     assert (settings.vae_precision, settings.rebuild) == (vae, rebuild)
 
 

@@ -26,6 +26,8 @@ class Transform(str, Enum):
     # A Linear weight stored (out, in), or (out, in, 1, 1) by some files; the inverse writes (out, in).
     # SD 2 UNet proj_in / proj_out; VAE mid-block attention in diffusers spelling (to_q, ...).
     LINEAR = "linear"
+    # (in, out) -> (out, in): OpenCLIP's text_projection, applied as x @ P, as a Linear weight (SDXL).
+    TRANSPOSE = "transpose"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ def _forward(rule: KeyRule, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (tensor,)
     if rule.transform in (Transform.CONV1X1_TO_LINEAR, Transform.LINEAR):
         return (tensor.reshape(tensor.shape[0], -1) if tensor.ndim == 4 else tensor,)
+    if rule.transform is Transform.TRANSPOSE:
+        if tensor.ndim != 2:
+            raise ModelFolderError(f"checkpoint tensor '{rule.ldm}' is {list(tensor.shape)}, not a matrix")
+        return (tensor.t().contiguous(),)
     return tuple(tensor.chunk(3, dim=0))
 
 
@@ -97,6 +103,8 @@ def invert_rules(state_dict: Mapping[str, torch.Tensor], rules: Iterable[KeyRule
         parts = [state_dict[name] for name in rule.diffusers]
         if rule.transform in (Transform.RENAME, Transform.LINEAR):
             out[rule.ldm] = parts[0]
+        elif rule.transform is Transform.TRANSPOSE:
+            out[rule.ldm] = parts[0].t().contiguous()
         elif rule.transform is Transform.CONV1X1_TO_LINEAR:
             out[rule.ldm] = parts[0].reshape(*parts[0].shape, 1, 1) if parts[0].ndim == 2 else parts[0]
         else:

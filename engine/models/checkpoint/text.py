@@ -1,4 +1,4 @@
-"""Key maps of the SD 1.x / 2.x text encoders between single-file checkpoints and transformers.
+"""Key maps of the SD 1.x / 2.x / XL text encoders between single-file checkpoints and transformers.
 
 Targets are the names of transformers' ``CLIPTextModel`` state dict. transformers 5 (from 5.6) has no
 ``text_model.`` level in them, older versions do: :func:`text_model_prefix` asks the built model, and
@@ -22,6 +22,7 @@ OpenCLIP                                        transformers ``CLIPTextModel``
 ``transformer.resblocks.N.attn.out_proj``       ``encoder.layers.N.self_attn.out_proj``
 ``transformer.resblocks.N.mlp.c_fc`` / ``c_proj``  ``encoder.layers.N.mlp.fc1`` / ``fc2``
 ``ln_final``                                    ``final_layer_norm``
+``text_projection`` (H, P), applied as x @ P    ``text_projection.weight`` (P, H) (SDXL, transposed)
 ==============================================  ==================================================
 
 ``in_proj_weight`` (3H, H) stacks q, k, v in that order (``torch.nn.MultiheadAttention``'s layout).
@@ -29,6 +30,14 @@ ViT-H has 24 blocks; SD 2 conditions on the penultimate layer, so its text encod
 the 24th block is stored but never run; ``text_projection`` and ``logit_scale`` (CLIP's contrastive
 head) are never run either (:func:`openclip_unused_keys`). The same correspondence as diffusers'
 ``convert_open_clip_checkpoint`` (diffusers/loaders/single_file_utils.py), stated here as data.
+
+SDXL (Stability's generative-models ``GeneralConditioner``) keeps both encoders under
+``conditioner.embedders.``: ``0.transformer.`` is CLIP ViT-L/14 as in SD 1 (transformers names),
+``1.model.`` OpenCLIP ViT-bigG/14 as in SD 2, but all 32 blocks run (the pipeline takes the
+penultimate hidden states itself) and ``text_projection`` is used: it gives the pooled embedding
+the UNet's added conditioning takes, so it maps onto ``CLIPTextModelWithProjection``
+(:func:`xl_openclip_rules`); only ``logit_scale`` is unused (:func:`xl_openclip_unused_keys`). The
+refiner's single encoder, bigG under ``conditioner.embedders.0.model.``, has no rules here.
 """
 
 from __future__ import annotations
@@ -43,6 +52,10 @@ from engine.models.checkpoint.keymap import WEIGHT_BIAS, KeyRule, Transform
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+XL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner's bigG (no CLIP-L)
+PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's, outside text_model.
 TEXT_MODEL = "text_model."
 # CLIP encoder-layer tensors, transformers names (identical in SD 1 checkpoints).
 _CLIP_LAYER_TENSORS = (
@@ -141,8 +154,22 @@ def openclip_unused_keys(
     return frozenset(key for key in keys if key in named or key.startswith(extra_block))
 
 
+def xl_openclip_rules(
+    config: Mapping[str, Any], prefix: str = XL_OPENCLIP_PREFIX, target_prefix: str = ""
+) -> list[KeyRule]:
+    """SDXL's second encoder: :func:`openclip_rules` for all ``num_hidden_layers`` blocks, and
+    ``text_projection`` (H, P) transposed into the (P, H) Linear weight ``text_projection.weight``."""
+    projection = KeyRule(f"{prefix}text_projection", (PROJECTION,), Transform.TRANSPOSE)
+    return [*openclip_rules(config, prefix, target_prefix), projection]
+
+
+def xl_openclip_unused_keys(keys: Iterable[str], prefix: str = XL_OPENCLIP_PREFIX) -> frozenset[str]:
+    """Stored but never run by SDXL's second encoder: CLIP's contrastive temperature ``logit_scale``."""
+    return frozenset({f"{prefix}logit_scale"}) & set(keys)
+
+
 def text_model_prefix(model: nn.Module) -> str:
     """``"text_model."`` when the built ``CLIPTextModel`` names its tensors under that level
-    (transformers < 5.6), else ``""``: what :func:`clip_rules` / :func:`openclip_rules` take as
-    ``target_prefix``."""
+    (transformers < 5.6; ``CLIPTextModelWithProjection`` still does), else ``""``: what
+    :func:`clip_rules` / :func:`openclip_rules` take as ``target_prefix``."""
     return TEXT_MODEL if any(name.startswith(TEXT_MODEL) for name in model.state_dict()) else ""
