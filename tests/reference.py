@@ -31,3 +31,15 @@ def diffusers_pipeline(model: Path, sampler: str, img2img: bool = False):
 
 def generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def two_steps_at_64(pipe: diffusers.DiffusionPipeline) -> np.ndarray:
+    """A diffusers text-to-image pipeline's images (N, 64, 64, 3) float for one prompt, 2 steps, seed 0."""
+    return pipe(
+        "a lighthouse at dusk",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
     from engine.schedulers import names
 
-    for name in names():
-        print(name)
+    try:
+        sys.stdout.write("".join(f"{name}\n" for name in names()))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sd-engine samplers | head`: the reader stopped early, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 

@@ -210,8 +210,9 @@ class LoraRuntime:
         return self.loader
 
     def _graph(self, network: Network, loras: LoraSet) -> Graph | None:
-        """The network's patched graph (None: its base graph serves). In-place loaders are patched (or
-        restored) only when the network's LoRA key changes; the pipeline keeps using its own graph."""
+        """The network's patched graph (None: its base graph serves, also when the LoRAs touch none of
+        its weights). In-place loaders are patched (or restored) only when the network's LoRA key
+        changes; the pipeline keeps using its own graph."""
         component = LORA_COMPONENTS.get(network)
         key = loras.key(component) if component else ()
         loader = self._loader()
@@ -224,13 +225,14 @@ class LoraRuntime:
             return None
         if not key:
             return None
+        targets, merge = self._merge(network, loras)
+        if not targets:  # e.g. a UNet-only LoRA's text encoders: the base graph, not a copy of it
+            return None
         kept = self._graphs.setdefault(network, OrderedDict())
         if key not in kept:
             while len(kept) >= PATCHED_GRAPHS_KEPT:  # make room first: one patched graph less at the peak
                 kept.popitem(last=False)
-            kept[key] = loader.load_patched(
-                network, *self._merge(network, loras), self._identity(component, loras)
-            )
+            kept[key] = loader.load_patched(network, targets, merge, self._identity(component, loras))
             self._changed = True
         kept.move_to_end(key)
         return kept[key]

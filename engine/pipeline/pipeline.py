@@ -26,6 +26,7 @@ from engine.pipeline.loras import LoraRuntime, LoraSet, te_key
 from engine.pipeline.request import GenerationRequest, StepCallback, StepControl, StepInfo
 from engine.rng import TorchGenerator, randn_batch, seeded_generators
 from engine.runtime import BackendName, Graph, GraphLoader, bound, check_finite, finite_outputs, open_backend
+from engine.sampling.registry import a1111_label
 from engine.specs import CONDITIONING_INPUTS, GraphSpec, Network
 from engine.text.conditioning import EmbeddingCache, encode_weighted
 from engine.text.tokenizer import ClipTokenizer
@@ -102,10 +103,12 @@ class Pipeline:
     @property
     def default_sampler(self) -> str:
         """The sampler a request that names none gets: SDXL folders' own scheduler (scheduler_config's
-        ``_class_name``, EulerDiscreteScheduler for SDXL base, as diffusers' pipeline runs it); SD 1.x /
-        2.x: "Euler a", A1111's default."""
+        ``_class_name`` as diffusers' pipeline runs it, under its A1111 label when one runs the same:
+        "Euler" for SDXL base); SD 1.x / 2.x: "Euler a", A1111's default."""
         own = self.manifest.scheduler_config.get("_class_name")
-        return str(own) if self.is_xl and own else GenerationRequest.sampler
+        if not self.is_xl or not own:
+            return GenerationRequest.sampler
+        return a1111_label(str(own), self.manifest.scheduler_config) or str(own)
 
     @classmethod
     def load(

@@ -266,6 +266,21 @@ def resolve(name: str) -> str:
     return sampler.name
 
 
+def a1111_label(class_name: str, config: Mapping[str, Any]) -> str | None:
+    """The A1111 label that runs what the diffusers scheduler ``class_name`` runs with ``config`` (every
+    setting the label forces equals the config's, an absent sigma-schedule flag counting as false):
+    EulerDiscreteScheduler with plain sigmas is "Euler". None when no label does (e.g. a config setting
+    a solver a label would change)."""
+    algorithm = CLASSES.get(class_name)
+    for name, sampler in SAMPLERS.items():
+        if sampler.algorithm is not algorithm or name in CLASSES:
+            continue
+        unset = {key: False for key in _SCHEDULE_KEYS}
+        if all({**unset, **config}.get(key) == value for key, value in sampler.forced.items()):
+            return name
+    return None
+
+
 def lookup(name: str) -> Sampler:
     """The sampler called ``name``, resolved by :func:`resolve`."""
     return SAMPLERS[resolve(name)]

@@ -17,6 +17,7 @@ import torch
 from engine.errors import EngineError
 from engine.models import presets
 from engine.models.presets import Preset, clip_vocabulary, init_random, preset_spec
+from tests.reference import two_steps_at_64
 
 TINY = (Preset.TINY, Preset.TINY_V)
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -189,15 +190,8 @@ def test_stable_diffusion_pipeline_runs(folders: dict[Preset, Path], preset: Pre
     assert pipe.vae_scale_factor == 8 and pipe.safety_checker is None
     expected = "DDIMScheduler" if preset is Preset.TINY_V else "PNDMScheduler"
     assert type(pipe.scheduler).__name__ == expected
-    out = pipe(
-        "a lighthouse at dusk",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    )
-    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    images = two_steps_at_64(pipe)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
 def _euler_latents(folder: Path, steps: int, latent_size: int) -> tuple[torch.Tensor, float]:

@@ -13,6 +13,7 @@ import torch
 from engine.cli import main
 from engine.models import presets
 from engine.models.presets import Preset, init_random, preset_spec
+from tests.reference import two_steps_at_64
 
 XL_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae")
 TOKENIZER_FILES = {"vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"}
@@ -202,14 +203,7 @@ def test_sdxl_pipelines_run(tiny_xl: Path) -> None:
     assert pipe.tokenizer.pad_token_id == 999  # EOS, as CLIP-L pads
     assert (pipe.tokenizer_2.pad_token, pipe.tokenizer_2.pad_token_id) == ("!", 0)
     assert pipe.vae_scale_factor == 8 and pipe.default_sample_size * 8 == 64
-    image = pipe(
-        "a lighthouse at dusk",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    image = two_steps_at_64(pipe)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0
     img2img = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_xl)
     img2img.set_progress_bar_config(disable=True)
