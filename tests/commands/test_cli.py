@@ -63,10 +63,10 @@ def test_export_without_model_index(capsys, model_copy: Path, tmp_path: Path) ->
 
 def test_export_unsupported_pipeline(capsys, model_copy: Path, tmp_path: Path) -> None:
     index = json.loads((model_copy / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "FluxPipeline"
     (model_copy / "model_index.json").write_text(json.dumps(index))
     code, err = _run(capsys, "export", str(model_copy), str(tmp_path / "engine"))
-    _assert_one_line_error(code, err, "unsupported pipeline class", "StableDiffusionXLPipeline")
+    _assert_one_line_error(code, err, "unsupported pipeline class", "FluxPipeline")
 
 
 def test_export_config_weights_mismatch(capsys, model_copy: Path, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_export_refuses_non_empty_target(capsys, tiny_model: Path, tmp_path: Pat
 
 def test_init_random_unknown_preset_is_a_usage_error(capsys, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["init-random", "sdxl", str(tmp_path / "x")])
+        main(["init-random", "sdxx", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
