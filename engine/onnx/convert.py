@@ -12,7 +12,6 @@ manifest names, and nothing that needs ONNX graphs (see :func:`engine.manifest.r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -28,6 +27,7 @@ import numpy as np
 from engine.errors import EngineError, ModelFolderError, ParityError
 from engine.fsutil import staged_folder
 from engine.hashing import graph_content_hash
+from engine.machine import release_freed_memory
 from engine.manifest import GraphEntry, Manifest, Variant, write_manifest
 from engine.models.source import ModelSource, SourceOptions, open_model_source
 from engine.onnx.attention_fusion import write_fused
@@ -267,13 +267,11 @@ def _export_into(
 
 
 def release_memory() -> None:
-    """Free what the last torch network held: Python's cycles, then the C heap's free pages (glibc)."""
-    import ctypes
+    """Free what the last torch network held: Python's cycles, then the C heap's free pages."""
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
 
 
 def write_network(

@@ -16,7 +16,6 @@ replaced on disk is never served from a stale graph or embedding.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections import OrderedDict
@@ -39,6 +38,7 @@ from engine.adapters import (
 )
 from engine.backends.weights import Merge, Patchable
 from engine.hashing import json_digest
+from engine.machine import release_freed_memory
 from engine.manifest import Manifest
 from engine.runtime import Graph, GraphLoader
 from engine.specs import Network
@@ -304,16 +304,6 @@ class LoraRuntime:
         if key not in self._files:
             self._files[key] = (read_lora(path), lora_hash(path))
         return self._files[key]
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by dropped sessions and merged weights back to the OS (glibc's malloc_trim;
-    nothing elsewhere): a switch frees gigabytes that the allocator would otherwise keep."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
 
 
 def _no_merge(target: str, base: np.ndarray) -> np.ndarray:
